@@ -1,0 +1,28 @@
+# fl-ser: `make run` (the main job) and `make test` set up .venv on first use.
+# Pass Hydra overrides with ARGS="...", pytest options with PYTEST_ARGS="...".
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fl-ser-installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test lint clean-venv
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "fl-ser: installing into $(VENV) (first time: several minutes, torch is ~5 GB)"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[dev]"
+	@touch $@
+
+run: $(STAMP)
+	$(PY) -m experiments.train $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean-venv:
+	rm -rf $(VENV)

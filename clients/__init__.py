@@ -1,0 +1,1 @@
+"""Device side: the Flower ClientApp and the mods that clip, noise and mask a device's update."""

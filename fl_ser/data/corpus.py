@@ -1,0 +1,145 @@
+"""The corpus contract every data source fulfils, and the canonical emotion names.
+
+A corpus is a list of utterance *descriptions* (cheap metadata: id, speaker,
+emotion, sex, where the audio is) plus a way to load one speaker's audio. Only
+the device that owns a speaker ever calls :meth:`Corpus.load_speaker` for it;
+the server never touches device audio. Audio comes back as float32 mono at
+:data:`SAMPLE_RATE` (16 kHz), whatever the source's rate and channel count.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16_000
+
+#: Canonical emotion names used across corpora (loaders map their codes to these).
+EMOTIONS = (
+    "anger",
+    "boredom",
+    "disgust",
+    "fear",
+    "happiness",
+    "sadness",
+    "neutral",
+    "calm",
+    "surprise",
+)
+
+
+class CorpusError(ValueError):
+    """A corpus cannot be used as configured (wrong path, empty, unknown labels)."""
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One labelled recording, described but not loaded."""
+
+    uid: str
+    speaker: str
+    emotion: str
+    sex: str | None = None  # "f", "m" or None when the corpus does not say
+    source: str = ""  # file path, or a description for generated audio
+
+
+@dataclass
+class LoadReport:
+    """What happened while loading audio: how many files were skipped and why."""
+
+    loaded: int = 0
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, uid: str) -> None:
+        self.skipped.setdefault(reason, []).append(uid)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(len(v) for v in self.skipped.values())
+
+    def summary(self) -> str:
+        if not self.num_skipped:
+            return f"{self.loaded} utterances loaded"
+        reasons = ", ".join(f"{len(v)} {k} (e.g. {v[0]})" for k, v in sorted(self.skipped.items()))
+        return f"{self.loaded} utterances loaded, {self.num_skipped} skipped: {reasons}"
+
+
+class Corpus(abc.ABC):
+    """A labelled emotional-speech corpus, one or more utterances per speaker.
+
+    Subclasses fill :attr:`utterances` (metadata only) in ``__init__`` and
+    implement :meth:`_load_audio`. ``emotions`` restricts and orders the label
+    set: class index ``i`` is ``self.emotions[i]``.
+    """
+
+    name: str = "corpus"
+    emotions: tuple[str, ...]
+    utterances: list[Utterance]  # set by _finalise (file corpora) or built lazily
+
+    def __init__(self, emotions: list[str] | tuple[str, ...] | None = None):
+        self._requested_emotions = tuple(emotions) if emotions else None
+
+    # -- metadata ---------------------------------------------------------
+    def _finalise(self, utterances: list[Utterance], where: str) -> None:
+        """Keep utterances of the requested emotions; fail clearly if nothing is left."""
+        if not utterances:
+            raise CorpusError(f"{self.name}: no utterances found in {where}. Check the path and layout.")
+        unknown = {u.emotion for u in utterances} - set(EMOTIONS)
+        if unknown:
+            raise CorpusError(f"{self.name}: unknown emotion labels {sorted(unknown)} in {where}; known: {EMOTIONS}")
+        present = {u.emotion for u in utterances}
+        if self._requested_emotions:
+            missing = [e for e in self._requested_emotions if e not in present]
+            if missing:
+                raise CorpusError(
+                    f"{self.name}: emotions {missing} were requested but {where} has none; it has {sorted(present)}"
+                )
+            self.emotions = self._requested_emotions
+        else:
+            self.emotions = tuple(e for e in EMOTIONS if e in present)
+        self.utterances = sorted((u for u in utterances if u.emotion in self.emotions), key=lambda u: u.uid)
+
+    @property
+    def speakers(self) -> list[str]:
+        return sorted({u.speaker for u in self.utterances})
+
+    def speaker_sex(self, speaker: str) -> str | None:
+        for u in self.utterances:
+            if u.speaker == speaker:
+                return u.sex
+        raise KeyError(speaker)
+
+    def utterances_of(self, speaker: str) -> list[Utterance]:
+        return [u for u in self.utterances if u.speaker == speaker]
+
+    def label_of(self, utt: Utterance) -> int:
+        return self.emotions.index(utt.emotion)
+
+    # -- audio (device side only) ------------------------------------------
+    @abc.abstractmethod
+    def _load_audio(self, utt: Utterance) -> np.ndarray:
+        """Return float32 mono audio at SAMPLE_RATE, or raise AudioError."""
+
+    def load_speaker(self, speaker: str) -> tuple[list[Utterance], list[np.ndarray], LoadReport]:
+        """Load every usable utterance of one speaker; bad files are skipped and counted."""
+        from fl_ser.data.audio import AudioError
+
+        report = LoadReport()
+        kept, waves = [], []
+        for utt in self.utterances_of(speaker):
+            try:
+                wave = self._load_audio(utt)
+            except AudioError as err:
+                report.skip(err.reason, utt.uid)
+                continue
+            kept.append(utt)
+            waves.append(wave)
+        report.loaded = len(kept)
+        if report.num_skipped:
+            log.warning("%s speaker %s: %s", self.name, speaker, report.summary())
+        return kept, waves, report

@@ -1,0 +1,302 @@
+"""Loaders for real emotional-speech corpora in their published folder layouts.
+
+Each loader only reads file *names* (and, where the corpus ships one, a
+demographics table) when constructed; audio is read on the device side by
+:meth:`~fl_ser.data.corpus.Corpus.load_speaker` through :func:`read_audio`.
+
+* :class:`EmoDB`    ``root/wav/03a01Fa.wav``
+* :class:`RAVDESS`  ``root/Actor_01/03-01-05-01-01-01-01.wav``
+* :class:`CremaD`   ``root/AudioWAV/1001_DFA_ANG_XX.wav`` (+ ``root/VideoDemographics.csv``)
+* :class:`Manifest` a CSV ``path,speaker,emotion[,sex]`` for any other corpus
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from fl_ser.data.audio import read_audio
+from fl_ser.data.corpus import EMOTIONS, Corpus, CorpusError, Utterance
+
+log = logging.getLogger(__name__)
+
+#: Common spellings of emotion labels, mapped to the canonical names in :data:`EMOTIONS`.
+EMOTION_ALIASES = {
+    "angry": "anger",
+    "happy": "happiness",
+    "sad": "sadness",
+    "fearful": "fear",
+    "bored": "boredom",
+    "disgusted": "disgust",
+    "surprised": "surprise",
+}
+
+_SEX_VALUES = {"f": "f", "female": "f", "m": "m", "male": "m", "": None}
+
+
+def normalise_emotion(label: str) -> str | None:
+    """Return the canonical name for ``label`` (case-insensitive, aliases allowed), or None."""
+    key = label.strip().lower()
+    key = EMOTION_ALIASES.get(key, key)
+    return key if key in EMOTIONS else None
+
+
+def _wavs(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".wav")
+
+
+class FileCorpus(Corpus):
+    """A corpus whose utterances are audio files on disk (``Utterance.source`` is the path)."""
+
+    #: Human description of the expected layout, and the corpus's display name, for error messages.
+    layout: str = ""
+    display: str = ""
+
+    def _load_audio(self, utt: Utterance) -> np.ndarray:
+        return read_audio(utt.source)
+
+    def _fail(self, root: Path, problem: str, what: str = "root") -> CorpusError:
+        return CorpusError(
+            f"{self.name}: {root} {problem}; expected {self.layout}. "
+            f"Fix: pass data.{what}=DIR pointing at the {self.display} folder."
+        )
+
+    def _check_root(self, root: str | Path) -> Path:
+        root = Path(root).expanduser()
+        if not root.exists():
+            raise self._fail(root, "does not exist")
+        if not root.is_dir():
+            raise self._fail(root, "is not a folder")
+        return root
+
+    def _collect(self, root: Path, files: Iterable[Path], parse) -> None:
+        """Build utterances from ``files`` with ``parse(path) -> Utterance | None``, then finalise.
+
+        Names that ``parse`` rejects are ignored and counted; a second file with an
+        already-seen uid is ignored with a warning.
+        """
+        utterances: dict[str, Utterance] = {}
+        ignored: list[str] = []
+        for path in files:
+            utt = parse(path)
+            if utt is None:
+                ignored.append(path.name)
+            elif utt.uid in utterances:
+                log.warning("%s: %s duplicates %s; ignoring it", self.name, path, utterances[utt.uid].source)
+            else:
+                utterances[utt.uid] = utt
+        if ignored:
+            log.warning(
+                "%s: ignored %d file(s) in %s not named like %s (e.g. %s)",
+                self.name,
+                len(ignored),
+                root,
+                self.layout,
+                ", ".join(ignored[:3]),
+            )
+        if not utterances:
+            raise self._fail(root, "has no files in the expected layout")
+        self._finalise(list(utterances.values()), where=str(root))
+
+
+class EmoDB(FileCorpus):
+    """Berlin Database of Emotional Speech: ``root/wav/SSTTTEV.wav`` (or the wavs directly in ``root``)."""
+
+    name = "emodb"
+    display = "EmoDB"
+    layout = "wav/03a01Fa.wav-style files (speaker, text, emotion letter, version)"
+
+    CODES: ClassVar[dict[str, str]] = {
+        "W": "anger",
+        "L": "boredom",
+        "E": "disgust",
+        "A": "fear",
+        "F": "happiness",
+        "T": "sadness",
+        "N": "neutral",
+    }
+    SEX: ClassVar[dict[str, str]] = {
+        "03": "m",
+        "08": "f",
+        "09": "f",
+        "10": "m",
+        "11": "m",
+        "12": "m",
+        "13": "f",
+        "14": "f",
+        "15": "m",
+        "16": "f",
+    }
+    _NAME = re.compile(r"^(\d\d)([a-z]\d\d)([WLEAFTN])([a-z])$")
+
+    def __init__(self, root: str | Path, emotions: list[str] | tuple[str, ...] | None = None):
+        super().__init__(emotions)
+        self.root = self._check_root(root)
+        self._collect(self.root, _wavs(self.root / "wav") + _wavs(self.root), self._parse)
+
+    def _parse(self, path: Path) -> Utterance | None:
+        m = self._NAME.match(path.stem)
+        if not m:
+            return None
+        speaker, _text, code, _version = m.groups()
+        return Utterance(path.stem, speaker, self.CODES[code], self.SEX.get(speaker), str(path))
+
+
+class RAVDESS(FileCorpus):
+    """RAVDESS speech: ``root/Actor_NN/03-01-EE-II-SS-RR-AA.wav`` (audio-only speech files only).
+
+    ``Actor_*`` folders are searched directly under ``root`` and one level deeper.
+    Song (vocal channel 02) and video files are ignored.
+    """
+
+    name = "ravdess"
+    display = "RAVDESS"
+    layout = "Actor_01/03-01-05-01-01-01-01.wav-style files (audio-only speech)"
+
+    CODES: ClassVar[dict[str, str]] = {
+        "01": "neutral",
+        "02": "calm",
+        "03": "happiness",
+        "04": "sadness",
+        "05": "anger",
+        "06": "fear",
+        "07": "disgust",
+        "08": "surprise",
+    }
+    _NAME = re.compile(r"^(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)$")
+
+    def __init__(self, root: str | Path, emotions: list[str] | tuple[str, ...] | None = None):
+        super().__init__(emotions)
+        self.root = self._check_root(root)
+        actors = [p for p in sorted(self.root.glob("Actor_*")) + sorted(self.root.glob("*/Actor_*")) if p.is_dir()]
+        self._collect(self.root, [f for d in actors for f in _wavs(d)], self._parse)
+
+    def _parse(self, path: Path) -> Utterance | None:
+        m = self._NAME.match(path.stem)
+        if not m or m.group(3) not in self.CODES:
+            return None
+        modality, channel, emotion, _intensity, _statement, _rep, actor = m.groups()
+        if (modality, channel) != ("03", "01"):
+            return None
+        sex = "m" if int(actor) % 2 else "f"
+        return Utterance(path.stem, actor, self.CODES[emotion], sex, str(path))
+
+
+class CremaD(FileCorpus):
+    """CREMA-D: ``root/AudioWAV/AAAA_SSS_EEE_LL.wav``; sex from ``root/VideoDemographics.csv`` if present."""
+
+    name = "crema_d"
+    display = "CREMA-D"
+    layout = "AudioWAV/1001_DFA_ANG_XX.wav-style files"
+
+    CODES: ClassVar[dict[str, str]] = {
+        "ANG": "anger",
+        "DIS": "disgust",
+        "FEA": "fear",
+        "HAP": "happiness",
+        "NEU": "neutral",
+        "SAD": "sadness",
+    }
+    _NAME = re.compile(r"^(\d+)_([A-Z]{3})_([A-Z]{3})_([A-Z]{2})$")
+
+    def __init__(self, root: str | Path, emotions: list[str] | tuple[str, ...] | None = None):
+        super().__init__(emotions)
+        self.root = self._check_root(root)
+        self.sexes = self._read_demographics(self.root / "VideoDemographics.csv")
+        self._collect(self.root, _wavs(self.root / "AudioWAV") + _wavs(self.root), self._parse)
+
+    def _read_demographics(self, path: Path) -> dict[str, str]:
+        if not path.is_file():
+            log.info("%s: %s not found; speaker sex unknown", self.name, path)
+            return {}
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+        if rows and not {"ActorID", "Sex"} <= set(rows[0]):
+            raise CorpusError(f"{self.name}: {path} lacks the ActorID and Sex columns; found {sorted(rows[0])}")
+        sexes = {}
+        for row in rows:
+            sex = _SEX_VALUES.get((row["Sex"] or "").strip().lower())
+            if sex:
+                sexes[row["ActorID"].strip()] = sex
+        return sexes
+
+    def _parse(self, path: Path) -> Utterance | None:
+        m = self._NAME.match(path.stem)
+        if not m or m.group(3) not in self.CODES:
+            return None
+        actor, _sentence, emotion, _level = m.groups()
+        return Utterance(path.stem, actor, self.CODES[emotion], self.sexes.get(actor), str(path))
+
+
+class Manifest(FileCorpus):
+    """Any corpus described by a CSV with columns ``path,speaker,emotion`` and optional ``sex``.
+
+    Paths are relative to the CSV's folder (absolute paths work too). Emotion
+    labels are case-insensitive and may use the aliases in :data:`EMOTION_ALIASES`;
+    ``sex`` may be f, m, female, male or empty. Listed files that are missing or
+    unreadable are skipped (and counted) when their speaker is loaded.
+    """
+
+    name = "manifest"
+    display = "manifest"
+    layout = "a CSV file with header path,speaker,emotion[,sex]"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("path", "speaker", "emotion")
+
+    def __init__(self, manifest: str | Path, emotions: list[str] | tuple[str, ...] | None = None):
+        super().__init__(emotions)
+        path = Path(manifest).expanduser()
+        fix = "Fix: pass data.manifest=FILE pointing at the CSV."
+        if not path.is_file():
+            problem = "does not exist" if not path.exists() else "is not a file"
+            raise CorpusError(f"{self.name}: {path} {problem}; expected {self.layout}. {fix}")
+        self.manifest = path
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip().lower() for c in reader.fieldnames or []]
+            missing = [c for c in self.REQUIRED if c not in columns]
+            if missing:
+                raise CorpusError(
+                    f"{self.name}: {path} lacks required column(s) {missing}; found {columns}. Expected {self.layout}."
+                )
+            reader.fieldnames = columns
+            lines: dict[str, int] = {}
+            utterances = []
+            for row in reader:
+                utt = self._parse(row, reader.line_num)
+                if utt.uid in lines:
+                    raise CorpusError(
+                        f"{self.name}: {path} lists {utt.uid} twice (lines {lines[utt.uid]} and {reader.line_num})"
+                    )
+                lines[utt.uid] = reader.line_num
+                utterances.append(utt)
+        if not utterances:
+            raise CorpusError(f"{self.name}: {path} lists no utterances; expected {self.layout}. {fix}")
+        self._finalise(utterances, where=str(path))
+
+    def _parse(self, row: dict[str, str | None], line: int) -> Utterance:
+        where = f"{self.manifest} line {line}"
+        values = {k: (v or "").strip() for k, v in row.items() if k is not None}
+        for column in self.REQUIRED:
+            if not values.get(column):
+                raise CorpusError(f"{self.name}: {where}: empty {column!r}")
+        emotion = normalise_emotion(values["emotion"])
+        if emotion is None:
+            raise CorpusError(
+                f"{self.name}: {where}: unknown emotion {values['emotion']!r}; "
+                f"use one of {EMOTIONS} or an alias {sorted(EMOTION_ALIASES)}"
+            )
+        sex_text = values.get("sex", "").lower()
+        if sex_text not in _SEX_VALUES:
+            raise CorpusError(f"{self.name}: {where}: unknown sex {values['sex']!r}; use f, m, female, male or empty")
+        source = Path(values["path"]).expanduser()
+        if not source.is_absolute():
+            source = self.manifest.parent / source
+        return Utterance(values["path"], values["speaker"], emotion, _SEX_VALUES[sex_text], str(source))

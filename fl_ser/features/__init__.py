@@ -1,0 +1,13 @@
+"""On-device feature extractors and the device-local normaliser.
+
+Every extractor is a scriptable ``nn.Module`` mapping a float32 mono 16 kHz waveform
+``[B, samples]`` to ``[B, *output_shape]``, with attributes ``output_shape`` and ``kind``
+("sequence" for fixed-size time-frequency maps, "vector" for utterance-level functionals).
+"""
+
+from fl_ser.features.functionals import Functionals
+from fl_ser.features.logmel import LogMel
+from fl_ser.features.mfcc import MFCCDeltas
+from fl_ser.features.normalize import FeatureNormalizer
+
+__all__ = ["FeatureNormalizer", "Functionals", "LogMel", "MFCCDeltas"]

@@ -1,0 +1,138 @@
+"""The task, built from one resolved config: corpus, speaker split, on-device features, classifier.
+
+Both apps call these functions with the same config, so simulation and the
+Deployment Engine build exactly the same experiment. Features are extracted on
+the device that owns the audio and cached on that device's disk
+(``cache_dir``), keyed by the corpus, the feature settings and the speaker.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from fl_ser.data.corpus import Corpus, LoadReport
+from fl_ser.data.partition import SpeakerSplit, holdout_split, kfold_splits
+from fl_ser.models.classifiers import build_classifier
+from fl_ser.models.pipeline import EmotionPipeline
+
+log = logging.getLogger(__name__)
+
+
+def _key(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _plain(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+@functools.lru_cache(maxsize=4)
+def _corpus(data_json: str) -> Corpus:
+    return instantiate(json.loads(data_json))
+
+
+def corpus_from_config(cfg: DictConfig) -> Corpus:
+    return _corpus(json.dumps(_plain(cfg.data), sort_keys=True))
+
+
+def split_from_config(cfg: DictConfig, corpus: Corpus) -> SpeakerSplit:
+    part = cfg.partition
+    speakers = corpus.speakers
+    if part.get("num_folds"):
+        folds = kfold_splits(speakers, int(part.num_folds), seed=int(part.seed), sex_of=corpus.speaker_sex)
+        if not 0 <= int(part.fold) < len(folds):
+            raise ValueError(f"partition.fold={part.fold} is out of range for {len(folds)} folds")
+        return folds[int(part.fold)]
+    return holdout_split(speakers, int(part.num_test_speakers), seed=int(part.seed), sex_of=corpus.speaker_sex)
+
+
+def extractor_from_config(cfg: DictConfig) -> nn.Module:
+    return instantiate(cfg.features).eval()
+
+
+@dataclass
+class SpeakerData:
+    """One speaker's features and labels, as held by its device (or by the server for a test speaker)."""
+
+    speaker: str
+    sex: str | None
+    x: torch.Tensor  # (N, *feature_shape), un-normalised
+    y: torch.Tensor  # (N,) class indices
+    report: LoadReport
+
+
+@torch.no_grad()
+def extract(extractor: nn.Module, waves: list[np.ndarray]) -> torch.Tensor:
+    """Run the extractor over variable-length waveforms, one utterance at a time."""
+    return torch.stack([extractor(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))[None])[0]
+                        for w in waves])
+
+
+def speaker_data(cfg: DictConfig, speaker: str) -> SpeakerData:
+    """Load (from the local cache when possible) one speaker's features: the on-device data path."""
+    corpus = corpus_from_config(cfg)
+    cache = Path(cfg.cache_dir) / "features" / f"{_key(_plain(cfg.data), _plain(cfg.features), speaker)}.pt"
+    if cache.exists():
+        blob = torch.load(cache, weights_only=False)
+        return SpeakerData(speaker, blob["sex"], blob["x"], blob["y"], blob["report"])
+    utts, waves, report = corpus.load_speaker(speaker)
+    if not utts:
+        raise ValueError(f"speaker {speaker}: no usable audio ({report.summary()})")
+    x = extract(extractor_from_config(cfg), waves)
+    y = torch.tensor([corpus.label_of(u) for u in utts], dtype=torch.long)
+    data = SpeakerData(speaker, corpus.speaker_sex(speaker), x, y, report)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{np.random.randint(1 << 30)}.tmp")
+    torch.save({"sex": data.sex, "x": x, "y": y, "report": report}, tmp)
+    tmp.replace(cache)  # atomic: concurrent devices never read a half-written file
+    return data
+
+
+def fitted_normalizer(cfg: DictConfig, x: torch.Tensor) -> nn.Module:
+    """A normaliser fitted on one speaker's own features (device-local statistics only)."""
+    from fl_ser.features import FeatureNormalizer
+
+    ext = extractor_from_config(cfg)
+    norm = FeatureNormalizer(tuple(ext.output_shape), ext.kind)
+    norm.fit(x)
+    return norm
+
+
+def new_classifier(cfg: DictConfig, num_classes: int) -> nn.Module:
+    """The classifier every party starts from: same seed, same initial weights."""
+    ext = extractor_from_config(cfg)
+    torch.manual_seed(int(cfg.seed))
+    return build_classifier(cfg.model, ext.output_shape, ext.kind, num_classes)
+
+
+def get_arrays(classifier: nn.Module) -> list[np.ndarray]:
+    """The federated state: the classifier's trainable parameters, in a fixed order. Nothing else."""
+    return [p.detach().cpu().numpy().copy() for p in classifier.parameters()]
+
+
+def set_arrays(classifier: nn.Module, arrays: list[np.ndarray]) -> None:
+    params = list(classifier.parameters())
+    if len(params) != len(arrays):
+        raise ValueError(f"model has {len(params)} parameter tensors but {len(arrays)} arrays were received; "
+                         "the device and server configs (model, features, emotions) must match")
+    with torch.no_grad():
+        for p, a in zip(params, arrays, strict=True):
+            if tuple(p.shape) != tuple(a.shape):
+                raise ValueError(f"parameter shape mismatch {tuple(p.shape)} vs {tuple(a.shape)}: "
+                                 "device and server configs differ")
+            p.copy_(torch.from_numpy(np.asarray(a, dtype=np.float32)))
+
+
+def pipeline(cfg: DictConfig, classifier: nn.Module, normalizer: nn.Module, labels: list[str]) -> EmotionPipeline:
+    return EmotionPipeline(extractor_from_config(cfg), normalizer, classifier, labels)

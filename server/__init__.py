@@ -1,0 +1,1 @@
+"""Server side: the ServerApp, user-level DP, held-out evaluation, run records and model release."""

@@ -1,0 +1,126 @@
+"""The Flower ServerApp: sample devices, securely aggregate their clipped updates, add user-level noise,
+evaluate on held-out speakers every round, checkpoint, and release the global model back to the devices.
+
+Uses Flower's legacy workflow path because SecAgg+ exists only there in
+flwr 1.42: ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` over a
+``LegacyContext``, with the configured strategy wrapped by
+:class:`server.user_dp.UserLevelDP` when updates are clipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+log = logging.getLogger("fl_ser.server")
+
+
+def clients_per_round(cfg: DictConfig, num_devices: int) -> int:
+    m = cfg.clients_per_round
+    m = num_devices if m is None else int(m)
+    if not 2 <= m <= num_devices:
+        raise ValueError(f"clients_per_round={cfg.clients_per_round} must be between 2 and the number of devices "
+                         f"({num_devices}); SecAgg+ needs at least 2 participants per round")
+    return m
+
+
+def secagg_workflow(cfg: DictConfig, num_sampled: int):
+    """SecAgg+ with num_shares growing logarithmically in the number of sampled devices (when 'auto')."""
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    agg = cfg.aggregation
+    shares = agg.num_shares
+    if shares == "auto":  # Bell et al. 2020: O(log n) neighbours suffice; keep it odd and within the cohort
+        shares = min(num_sampled, 2 * math.ceil(math.log2(num_sampled)) + 1)
+        shares = 1.0 if shares >= num_sampled else shares  # 1.0 = everybody (Flower's convention)
+    uniform = bool(cfg.privacy.update_clipping.enabled)
+    return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=agg.reconstruction_threshold,
+                              max_weight=1.0 if uniform else float(agg.max_weight),
+                              clipping_range=float(agg.clipping_range), timeout=agg.timeout)
+
+
+def run_server(grid, context, cfg: DictConfig) -> dict:
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.workflow import DefaultWorkflow
+    from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+
+    from fl_ser.privacy.accountant import user_level_epsilon
+    from fl_ser.task import corpus_from_config, get_arrays, new_classifier, split_from_config
+    from server.evaluation import HeldOutEvaluator
+    from server.records import RunRecorder
+    from server.release import deploy_and_collect, release_model
+    from server.user_dp import UserLevelDP
+
+    run_dir = Path(cfg.run_dir)
+    corpus = corpus_from_config(cfg)
+    split = split_from_config(cfg, corpus)
+    num_devices = len(split.train)
+    m = clients_per_round(cfg, num_devices)
+    rounds = int(cfg.rounds)
+    user = cfg.privacy.user_level
+    z_user = float(user.noise_multiplier) if cfg.privacy.update_clipping.enabled else 0.0
+
+    def user_eps(r: int):
+        return user_level_epsilon(z_user, m / num_devices, r, float(user.delta), str(user.accountant))
+
+    evaluator = HeldOutEvaluator(cfg, split.test)
+    recorder = RunRecorder(run_dir, rounds, user_eps)
+    init = get_arrays(new_classifier(cfg, len(cfg.labels)))
+
+    def evaluate_fn(server_round, arrays, config):
+        loss, report = evaluator(arrays)
+        recorder.round_done(server_round, loss, report, arrays)
+        return loss, {"uar": report["uar"]}
+
+    strategy = instantiate(
+        cfg.strategy, fraction_fit=m / num_devices, min_fit_clients=m, min_available_clients=num_devices,
+        fraction_evaluate=0.0, min_evaluate_clients=0, initial_parameters=ndarrays_to_parameters(init),
+        evaluate_fn=evaluate_fn, fit_metrics_aggregation_fn=recorder.aggregate_fit_metrics,
+        on_fit_config_fn=lambda r: {"server_round": r},
+    )
+    if cfg.privacy.update_clipping.enabled:
+        strategy = UserLevelDP(strategy, float(cfg.privacy.update_clipping.clipping_norm), z_user,
+                               str(user.placement))
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
+    secure = cfg.aggregation.name == "secagg_plus"
+    DefaultWorkflow(fit_workflow=secagg_workflow(cfg, m) if secure else None)(grid, legacy)
+
+    params = compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
+    final = parameters_to_ndarrays(params)
+    loss, report = evaluator(final)
+    release = release_model(cfg, final, evaluator.pooled_normalizer(), run_dir / "release")
+    devices = deploy_and_collect(grid, final, rounds + 1) if cfg.release.device_report else []
+    summary = {
+        "uar": report["uar"], "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
+        "uar_by_group": report.get("uar_by_group"), "recall": report["recall"], "loss": loss,
+        "epsilon_sample_max": recorder.epsilon_sample_max, "epsilon_user": user_eps(rounds),
+        "delta": float(cfg.privacy.dp_sgd.delta) if cfg.privacy.dp_sgd.enabled else None,
+        "delta_user": float(user.delta) if z_user > 0 else None,
+        "rounds": rounds, "num_devices": num_devices, "clients_per_round": m,
+        "num_test_speakers": len(split.test), "test_speakers": list(split.test),
+        "num_utterances": sum(len(corpus.utterances_of(s)) for s in (*split.train, *split.test)),
+        "num_test_utterances": evaluator.num_utterances, "labels": list(cfg.labels), "confusion": report["confusion"],
+        "privacy": str(cfg.privacy.name), "aggregation": str(cfg.aggregation.name),
+        "strategy": str(cfg.strategy._target_).rsplit(".", 1)[-1], "release": release,
+        "device_reports": devices,
+        "device_uar_mean": (sum(d["uar"] for d in devices) / len(devices)) if devices else None,
+    }
+    return recorder.write_summary(summary)
+
+
+def build_server_app(cfg: DictConfig):
+    from flwr.server import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context) -> None:
+        run_server(grid, context, cfg)
+
+    return app

@@ -1,0 +1,25 @@
+"""Shared test helpers: a resolved experiment config from Hydra overrides, and the EmoDB location."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+EMODB = REPO.parent / "shared" / "datasets" / "emodb"
+
+
+def make_config(tmp_path: Path, *overrides: str) -> DictConfig:
+    """Compose conf/config.yaml with overrides, resolved, with labels filled in (as experiments.train does)."""
+    from experiments.train import prepare
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
+                                           *overrides])
+    return prepare(OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)))
+
+
+needs_emodb = pytest.mark.skipif(not EMODB.exists(), reason=f"EmoDB not found at {EMODB}")
