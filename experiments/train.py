@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import hydra
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("fl_ser")
@@ -36,13 +37,13 @@ def prepare(cfg: DictConfig) -> DictConfig:
     try:
         resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     except Exception as err:  # MissingMandatoryValue and friends
-        raise ConfigError(f"{err}. Corpora other than the synthetic one need a path, e.g. "
-                          "`data=emodb data.root=/path/to/emodb` or `data=manifest data.manifest=/path/to/list.csv`.") from None
+        raise ConfigError(f"{err}. Corpora other than the synthetic one need a path, e.g. `data=emodb "
+                          "data.root=/path/to/emodb` or `data=manifest data.manifest=/path/to/list.csv`.") from None
     try:
         corpus = corpus_from_config(resolved)
         split = split_from_config(resolved, corpus)
-    except CorpusError as err:
-        raise ConfigError(str(err)) from err
+    except (CorpusError, InstantiationException) as err:  # Hydra wraps the loader's own error
+        raise ConfigError(str(err.__cause__ or err)) from err
     resolved.labels = list(corpus.emotions)
     ext = extractor_from_config(resolved)
     try:
@@ -81,12 +82,12 @@ def check_privacy(cfg: DictConfig, corpus, split) -> None:
     if first > dp.epsilon_budget:
         raise PrivacyBudgetError(
             f"impossible privacy budget: one round of DP-SGD on device {smallest} ({n} utterances, "
-            f"{train.epochs} epochs, batch {train.batch_size or 'all'}, noise_multiplier {dp.noise_multiplier}) already "
-            f"spends epsilon {first:.2f} > privacy.dp_sgd.epsilon_budget={dp.epsilon_budget}. Raise the budget or "
-            f"the noise multiplier, or lower train.epochs / train.batch_size.")
+            f"{train.epochs} epochs, batch {train.batch_size or 'all'}, noise_multiplier {dp.noise_multiplier}) "
+            f"already spends epsilon {first:.2f} > privacy.dp_sgd.epsilon_budget={dp.epsilon_budget}. Raise the "
+            f"budget or the noise multiplier, or lower train.epochs / train.batch_size.")
     expected = round(cfg.rounds * m / len(split.train))
-    total = ledger.epsilon_after(dp.noise_multiplier, sample_rate(n, train), expected * steps_per_round(n, train),
-                                 dp.delta)
+    total = ledger.epsilon_after(dp.noise_multiplier, sample_rate(n, train),
+                                 expected * steps_per_round(n, train), dp.delta)
     if total > dp.epsilon_budget:
         log.warning("device %s would reach epsilon %.2f over %d rounds (> budget %.2f): devices will decline to "
                     "train once their budget is spent", smallest, total, expected, dp.epsilon_budget)
@@ -143,26 +144,39 @@ def run(cfg: DictConfig) -> dict:
     os.environ["FLWR_HOME"] = str(run_dir / ".flwr")
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if not resolved.verbose:
         quiet_console()
     print(f"fl-ser: {len(resolved.labels)} emotions, privacy={resolved.privacy.name}, "
           f"aggregation={resolved.aggregation.name}, {resolved.rounds} rounds -> {run_dir}", flush=True)
     summary = simulate(resolved)
     eps_u = summary["epsilon_user"]
-    print(f"done in {summary['wall_s']:.0f} s: held-out UAR {summary['uar']:.3f} (chance {1 / len(resolved.labels):.3f}), "
+    chance = 1 / len(resolved.labels)
+    print(f"done in {summary['wall_s']:.0f} s: held-out UAR {summary['uar']:.3f} (chance {chance:.3f}), "
           f"accuracy {summary['accuracy']:.3f}, macro-F1 {summary['macro_f1']:.3f}, "
           f"epsilon_sample_max {summary['epsilon_sample_max']}, epsilon_user {eps_u} | {run_dir}/summary.json",
           flush=True)
     return summary
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def cli(job, cfg: DictConfig) -> None:
+    """Run a job for the command line: SIGTERM stops it cleanly (Ray included), config errors exit 2 with the fix."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(f"fl-ser: stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
     try:
-        run(cfg)
+        job(cfg)
     except ConfigError as err:
         print(f"fl-ser: configuration error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    cli(run, cfg)
 
 
 if __name__ == "__main__":

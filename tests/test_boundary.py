@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.common import FitRes, Status, Code, ndarrays_to_parameters
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.compat.common import recorddict_compat as compat
 
 from fl_ser.privacy.boundary import PrivacyBoundaryError, check_reply

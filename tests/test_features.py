@@ -27,14 +27,28 @@ def white_noise(seconds: float = 2.0, batch: int = 1, amp: float = 0.1, seed: in
     return amp * torch.randn(batch, int(seconds * SR), generator=g)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """On-device extraction is single-threaded; it also keeps these small ops fast on a busy CI box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def extractors() -> dict[str, nn.Module]:
     return {"logmel": LogMel(), "mfcc": MFCCDeltas(), "functionals": Functionals()}
 
 
 @pytest.fixture(scope="module")
-def functionals() -> Functionals:
-    return Functionals()
+def functionals(extractors) -> Functionals:
+    return extractors["functionals"]
+
+
+@pytest.fixture(scope="module")
+def scripted(extractors) -> dict[str, torch.jit.ScriptModule]:
+    return {name: torch.jit.script(ext) for name, ext in extractors.items()}
 
 
 def _feat(f: Functionals, wave: torch.Tensor) -> dict[str, float]:
@@ -219,17 +233,16 @@ def _roundtrip(module: nn.Module) -> torch.jit.ScriptModule:
 
 
 @pytest.mark.parametrize("name", ["logmel", "mfcc", "functionals"])
-def test_scripted_equals_eager(extractors, name):
-    ext = extractors[name]
-    scripted = torch.jit.script(ext)
-    assert tuple(scripted.output_shape) == ext.output_shape
-    assert scripted.kind == ext.kind
+def test_scripted_equals_eager(extractors, scripted, name):
+    ext, script = extractors[name], scripted[name]
+    assert tuple(script.output_shape) == ext.output_shape
+    assert script.kind == ext.kind
     for wave in [white_noise(2.0, batch=2), harmonic_tone(180.0, seconds=0.3), torch.zeros(1, 5 * SR)]:
-        torch.testing.assert_close(scripted(wave), ext(wave), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(script(wave), ext(wave), rtol=1e-5, atol=1e-5)
 
 
-def test_scripted_functionals_keeps_names(functionals):
-    assert list(torch.jit.script(functionals).names) == functionals.names
+def test_scripted_functionals_keeps_names(functionals, scripted):
+    assert list(scripted["functionals"].names) == functionals.names
 
 
 @pytest.mark.parametrize("name", ["logmel", "mfcc", "functionals"])

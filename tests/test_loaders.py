@@ -215,12 +215,12 @@ def test_manifest_missing_columns(tmp_path):
 
 def test_manifest_unknown_emotion_names_the_row(tmp_path):
     (tmp_path / "m.csv").write_text("path,speaker,emotion\na.wav,s1,anger\nb.wav,s1,grumpy\n")
-    with pytest.raises(CorpusError, match="line 3.*grumpy"):
+    with pytest.raises(CorpusError, match=r"line 3.*grumpy"):
         Manifest(tmp_path / "m.csv")
 
 
 def test_manifest_missing_file(tmp_path):
-    with pytest.raises(CorpusError, match="nope.csv.*does not exist.*data.manifest="):
+    with pytest.raises(CorpusError, match=r"nope\.csv.*does not exist.*data\.manifest="):
         Manifest(tmp_path / "nope.csv")
 
 

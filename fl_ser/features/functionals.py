@@ -117,6 +117,13 @@ class Functionals(nn.Module):
     Every statistic over an empty selection is 0, so silence and noise give finite vectors.
     """
 
+    # scalar settings become TorchScript constants (folded into the graph, no attribute lookups)
+    __constants__ = (
+        "sample_rate", "voicing_threshold", "hop", "win", "n_fft", "decim", "pitch_sr", "phop", "pwin",
+        "min_lag", "max_lag", "p_fft", "hb_k", "hb_center", "hb_taps", "n_mfcc", "ham_split", "ham_stop",
+        "slope_stop",
+    )  # fmt: skip
+
     def __init__(self, sample_rate: int = 16000, voicing_threshold: float = 0.5, n_mfcc: int = 8) -> None:
         super().__init__()
         sr = int(sample_rate)
