@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 
 def plot_rounds(rounds: list[dict], path: Path) -> None:
@@ -26,6 +27,8 @@ def plot_rounds(rounds: list[dict], path: Path) -> None:
         if any(v is not None for v in vals):
             ax2.plot(r, [np.nan if v is None else v for v in vals], marker="o", label=label)
     ax2.set(xlabel="round", ylabel="epsilon", title="privacy spent (cumulative)")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if ax2.lines:
         ax2.legend()
     fig.tight_layout()
