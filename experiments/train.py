@@ -127,7 +127,10 @@ def quiet_console() -> None:
     import flwr.common.logger  # noqa: F401  (creates Flower's console handler, which we filter)
 
     def keep(record: logging.LogRecord) -> bool:
-        return not record.name.startswith("flwr") or record.levelno >= logging.WARNING
+        if not record.name.startswith("flwr"):
+            return True
+        # run_simulation is deprecated in favour of `flwr run`; it is still the in-process path (DEVELOPERS.md)
+        return record.levelno >= logging.WARNING and "run_simulation" not in record.getMessage()
 
     for logger in (logging.getLogger(), logging.getLogger("flwr")):
         for handler in logger.handlers:

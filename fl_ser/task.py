@@ -112,8 +112,9 @@ def fitted_normalizer(cfg: DictConfig, x: torch.Tensor) -> nn.Module:
 def new_classifier(cfg: DictConfig, num_classes: int) -> nn.Module:
     """The classifier every party starts from: same seed, same initial weights."""
     ext = extractor_from_config(cfg)
-    torch.manual_seed(int(cfg.seed))
-    return build_classifier(cfg.model, ext.output_shape, ext.kind, num_classes)
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
+        torch.manual_seed(int(cfg.seed))
+        return build_classifier(cfg.model, ext.output_shape, ext.kind, num_classes)
 
 
 def get_arrays(classifier: nn.Module) -> list[np.ndarray]:

@@ -14,6 +14,7 @@ privacy.
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from dataclasses import dataclass
 
@@ -83,7 +84,9 @@ def train_local(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Lo
     anchor = [p.detach().clone() for p in classifier.parameters()] if cfg.proximal_mu > 0 else None
     optimizer = torch.optim.SGD(classifier.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size(len(x), cfg), shuffle=True)
+    # Fresh OS entropy for batch sampling and DP noise: never a configured seed, so the noise cannot be replayed.
+    rng = torch.Generator().manual_seed(secrets.randbits(63))
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size(len(x), cfg), shuffle=True, generator=rng)
     model: nn.Module = classifier
     engine = None
     if dp is not None:
@@ -98,7 +101,7 @@ def train_local(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Lo
             model, optimizer, loader = engine.make_private(
                 module=classifier, optimizer=optimizer, data_loader=loader,
                 noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                poisson_sampling=dp.poisson_sampling, grad_sample_mode=dp.grad_sample_mode,
+                poisson_sampling=dp.poisson_sampling, grad_sample_mode=dp.grad_sample_mode, noise_generator=rng,
             )
     loss_fn = nn.CrossEntropyLoss()
     total, count, steps = 0.0, 0, 0

@@ -1,5 +1,6 @@
 """Accounting: Opacus's own numbers, composition across rounds, budgets and impossible settings."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,3 +58,26 @@ def test_impossible_settings_are_refused_with_the_fix():
     with pytest.raises(PrivacyBudgetError, match="epsilon_budget"):
         DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, epsilon_budget=0)
     assert user_level_epsilon(0.0, 0.1, 10, 1e-5) is None
+
+
+def test_dp_noise_is_fresh_and_initialisation_leaves_the_global_rng_alone(tmp_path):
+    """Regression: a configured seed must never fix the DP noise (it could then be subtracted)."""
+    from fl_ser.task import get_arrays, new_classifier, set_arrays
+    from tests.conftest import make_config
+
+    cfg = make_config(tmp_path, "data.num_speakers=4", "partition.num_test_speakers=1")
+    torch.manual_seed(123)
+    a = torch.rand(1)
+    torch.manual_seed(123)
+    new_classifier(cfg, 7)
+    assert torch.equal(torch.rand(1), a)  # building the model did not reseed the global generator
+    x, y = torch.randn(30, 74), torch.randint(0, 7, (30,))
+    dp = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, epsilon_budget=100)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)  # even a caller that seeds torch gets fresh noise
+        model = new_classifier(cfg, 7)
+        set_arrays(model, get_arrays(new_classifier(cfg, 7)))
+        train_local(model, x, y, LocalTrainConfig(epochs=1, batch_size=None), dp=dp, ledger=PrivacyLedger())
+        results.append(get_arrays(model))
+    assert any(not np.array_equal(p, q) for p, q in zip(*results, strict=True))
