@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fl-ser-installed
 ARGS ?=
 PYTEST_ARGS ?=
+OUT ?= outputs/bench
 
-.PHONY: run test lint clean-venv
+.PHONY: run test bench lint clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +21,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m experiments.bench --out $(OUT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -36,7 +36,7 @@ def device_speaker(cfg: DictConfig, node_config) -> str:
     pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
     if num != len(split.train):
         raise ValueError(f"the federation has {num} nodes but the experiment has {len(split.train)} training "
-                         "speakers (one device each); set federation.num_supernodes to match")
+                         "speakers (one device each): the nodes and the server run different data configs")
     return split.train[pid]
 
 
@@ -57,7 +57,8 @@ def local_data(cfg: DictConfig, speaker: str):
     return _local_data(json.dumps(OmegaConf.to_container(cfg), sort_keys=True), speaker)
 
 
-def _dp_config(cfg: DictConfig):
+def dp_config(cfg: DictConfig):
+    """The device's DP-SGD settings, or None when sample-level DP is off."""
     from fl_ser.training import DPSGDConfig
 
     dp = cfg.privacy.dp_sgd
@@ -91,7 +92,7 @@ def make_client(cfg: DictConfig, context):
     speaker = device_speaker(cfg, context.node_config)
     labels = list(cfg.labels)
     num_classes = len(labels)
-    dp = _dp_config(cfg)
+    dp = dp_config(cfg)
     uniform = bool(cfg.privacy.update_clipping.enabled)
     secure = cfg.aggregation.name == "secagg_plus"
     train_cfg = LocalTrainConfig(**OmegaConf.to_container(cfg.train))

@@ -70,9 +70,9 @@ def check_privacy(cfg: DictConfig, corpus, split) -> None:
                                  "privacy.update_clipping.enabled=true or privacy.user_level.noise_multiplier=0")
     if not priv.dp_sgd.enabled:
         return
-    from clients.client_app import _dp_config
+    from clients.client_app import dp_config
 
-    dp = _dp_config(cfg)
+    dp = dp_config(cfg)
     train = LocalTrainConfig(**OmegaConf.to_container(cfg.train))
     smallest = min(split.train, key=lambda s: len(corpus.utterances_of(s)))
     n = len(corpus.utterances_of(smallest))

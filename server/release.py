@@ -32,7 +32,7 @@ def release_model(cfg: DictConfig, arrays: list[np.ndarray], normalizer, out_dir
     labels = list(cfg.labels)
     classifier = new_classifier(cfg, len(labels))
     set_arrays(classifier, arrays)
-    pipe = pipeline(cfg, classifier, normalizer, labels)
+    pipe = pipeline(cfg, classifier, normalizer, labels).eval()
     path = pipe.export(out_dir / "emotion_model.pt")
     (out_dir / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))

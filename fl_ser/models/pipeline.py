@@ -8,6 +8,7 @@ class probabilities of shape (1, C), with no Python code of ours needed to run i
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ class EmotionPipeline(nn.Module):
         """Script and save the pipeline as a TorchScript artifact (eval mode, on CPU)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        scripted = torch.jit.script(self.cpu().eval())
+        frozen = copy.deepcopy(self).cpu().eval().requires_grad_(False)  # inference artifact; self is untouched
+        scripted = torch.jit.script(frozen)
         scripted.save(str(path))
         return path

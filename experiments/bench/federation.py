@@ -1,0 +1,106 @@
+"""Secure aggregation cost: round time with SecAgg+ versus plain aggregation of the same clipped updates.
+
+Devices return a fixed update of the default model's size (so only aggregation
+differs between the two modes) through the project's own mods and server
+pieces. Besides the round time, a timing mod measures each device's own
+SecAgg+ work (time inside ``secaggplus_mod`` minus the training it wraps), to
+show how it grows with the number of devices; ``num_shares`` is 'auto'
+(2 ceil(log2 n) + 1 neighbours), so the growth should be logarithmic.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+
+def _timing_mod(log_dir: str, tag: str):
+    def mod(msg, ctxt, call_next):
+        t0 = time.perf_counter()
+        reply = call_next(msg, ctxt)
+        with open(Path(log_dir) / f"{tag}_{ctxt.node_id}.txt", "a") as f:
+            f.write(f"{time.perf_counter() - t0}\n")
+        return reply
+
+    return mod
+
+
+def round_cost(num_devices: int, secure: bool, shapes: list[tuple], rounds: int = 3) -> dict:
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.client.mod import fixedclipping_mod, secaggplus_mod
+    from flwr.common import ndarrays_to_parameters
+    from flwr.server import LegacyContext, ServerApp, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import DefaultWorkflow
+    from flwr.simulation import run_simulation
+
+    from fl_ser.privacy.boundary import make_boundary_mod
+    from server.server_app import secagg_workflow
+    from server.user_dp import UserLevelDP
+
+    init = [np.zeros(s, dtype=np.float32) for s in shapes]
+    log_dir = tempfile.mkdtemp(prefix="fl-ser-bench-")
+
+    class FixedUpdate(NumPyClient):
+        def __init__(self, pid):
+            self.update = [np.random.default_rng(pid).normal(0, 0.01, s).astype(np.float32) for s in shapes]
+
+        def fit(self, parameters, config):
+            return [p + u for p, u in zip(parameters, self.update, strict=True)], 1, {"declined": 0}
+
+    mods = [make_boundary_mod(secure)]
+    if secure:
+        mods += [_timing_mod(log_dir, "outer"), secaggplus_mod, _timing_mod(log_dir, "inner")]
+    mods.append(fixedclipping_mod)
+    client = ClientApp(client_fn=lambda ctx: FixedUpdate(int(ctx.node_config["partition-id"])).to_client(), mods=mods)
+    stamps: list[float] = []
+    cfg = OmegaConf.create({"aggregation": {"num_shares": "auto", "reconstruction_threshold": 0.6,
+                                            "clipping_range": 8.0, "max_weight": 1000.0, "timeout": None},
+                            "privacy": {"update_clipping": {"enabled": True}}})
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context):
+        strategy = UserLevelDP(
+            FedAvg(fraction_fit=1.0, min_fit_clients=num_devices, min_available_clients=num_devices,
+                   fraction_evaluate=0.0, initial_parameters=ndarrays_to_parameters(init),
+                   evaluate_fn=lambda r, a, c: stamps.append(time.perf_counter())),
+            clipping_norm=1.0, noise_multiplier=0.0, placement="server")
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
+        DefaultWorkflow(fit_workflow=secagg_workflow(cfg, num_devices) if secure else None)(grid, legacy)
+
+    run_simulation(server_app=server, client_app=client, num_supernodes=num_devices,
+                   backend_config={"client_resources": {"num_cpus": 1},
+                                   "init_args": {"include_dashboard": False, "log_to_driver": False}})
+    per_round = np.diff(stamps)[1:]  # round 1 pays for actor start-up
+    result = {"round_s": float(np.median(per_round))}
+    if secure:
+        outer = sum(float(v) for f in Path(log_dir).glob("outer_*") for v in f.read_text().split())
+        inner = sum(float(v) for f in Path(log_dir).glob("inner_*") for v in f.read_text().split())
+        result["secagg_s_per_device_round"] = (outer - inner) / (num_devices * rounds)
+    return result
+
+
+def secagg_overhead(shapes: list[tuple], counts=(10, 50, 100, 200)) -> dict:
+    overhead, per_device = {}, {}
+    for n in counts:
+        plain = round_cost(n, secure=False, shapes=shapes)
+        secure = round_cost(n, secure=True, shapes=shapes)
+        overhead[str(n)] = secure["round_s"] / plain["round_s"]
+        per_device[str(n)] = secure["secagg_s_per_device_round"]
+        print(f"  secagg {n:4d} devices: plain {plain['round_s']:.2f} s, SecAgg+ {secure['round_s']:.2f} s, "
+              f"x{overhead[str(n)]:.2f}; per-device SecAgg+ work {1e3 * per_device[str(n)]:.1f} ms", flush=True)
+    # fit per-device work ~ a * n^b (power law) and ~ c + d log n; logarithmic growth means b well below 1
+    ns = np.array([int(n) for n in per_device], dtype=float)
+    work = np.array(list(per_device.values()))
+    b, _ = np.polyfit(np.log(ns), np.log(work), 1)
+    d, c = np.polyfit(np.log(ns), work, 1)
+    resid_log = float(np.sqrt(np.mean((c + d * np.log(ns) - work) ** 2)))
+    growth = {"power_law_exponent": float(b), "log_fit_ms_per_doubling": 1e3 * d * math.log(2),
+              "log_fit_rmse_ms": 1e3 * resid_log}
+    return {"secagg_overhead": overhead, "secagg_per_device_s": per_device, "secagg_per_device_growth": growth}
