@@ -57,10 +57,12 @@ def main() -> None:
 
     from experiments.bench import federation, local, scale
     from experiments.bench.timing import machine
+    from experiments.train import quiet_console
     from fl_ser.task import new_classifier
 
     quick = ("data.num_speakers=4", "partition.num_test_speakers=1", "data.utterances_per_emotion=2") \
         if args.quick else ()
+    quiet_console()
     cfg = config(out / "runs" / "default", *quick)
     notes = ["Ghost clipping is not measured: fl-ser's trainer uses Opacus hooks mode (the default model's "
              "full-batch DP-GD step has no per-sample-gradient memory problem to solve)."]
@@ -88,7 +90,7 @@ def main() -> None:
         test = 2 if args.quick else 10
         sim = scale.simulate_scale(config(out / "runs" / key, "+experiment=user_level_dp",
                                           f"data.num_speakers={size + test}", f"partition.num_test_speakers={test}",
-                                          f"clients_per_round={sampled}", "rounds=3"))
+                                          f"clients_per_round={sampled}", "rounds=3", "release.device_report=false"))
         bench[f"{key}_s_per_round"], bench[f"{key}_peak_gb"] = sim["s_per_round"], sim["peak_gb"]
         print(f"  {size} devices, {sampled} per round: {sim['s_per_round']:.1f} s/round, "
               f"peak {sim['peak_gb']:.2f} GB", flush=True)
