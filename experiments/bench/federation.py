@@ -30,7 +30,13 @@ def _timing_mod(log_dir: str, tag: str):
     return mod
 
 
-def round_cost(num_devices: int, secure: bool, shapes: list[tuple], rounds: int = 3) -> dict:
+def fixed_update_federation(init: list[np.ndarray], updates: list[list[np.ndarray]], secure: bool, rounds: int = 1,
+                            clipping_norm: float = 1.0, measure_dir: str | None = None) -> list[tuple[float, list]]:
+    """A federation whose device i returns (global + updates[i]) through the project's real device mods
+    (privacy boundary, SecAgg+, fixed clipping) and server pieces (UserLevelDP without noise, the SecAgg+
+    workflow as configured). Returns (time, global arrays) after each round. With ``measure_dir``, each
+    device logs the seconds spent inside ``secaggplus_mod`` ("outer") and in what it wraps ("inner").
+    """
     from flwr.client import ClientApp, NumPyClient
     from flwr.client.mod import fixedclipping_mod, secaggplus_mod
     from flwr.common import ndarrays_to_parameters
@@ -43,22 +49,23 @@ def round_cost(num_devices: int, secure: bool, shapes: list[tuple], rounds: int 
     from server.server_app import secagg_workflow
     from server.user_dp import UserLevelDP
 
-    init = [np.zeros(s, dtype=np.float32) for s in shapes]
-    log_dir = tempfile.mkdtemp(prefix="fl-ser-bench-")
+    num_devices = len(updates)
 
     class FixedUpdate(NumPyClient):
         def __init__(self, pid):
-            self.update = [np.random.default_rng(pid).normal(0, 0.01, s).astype(np.float32) for s in shapes]
+            self.update = updates[pid]
 
         def fit(self, parameters, config):
             return [p + u for p, u in zip(parameters, self.update, strict=True)], 1, {"declined": 0}
 
     mods = [make_boundary_mod(secure)]
-    if secure:
-        mods += [_timing_mod(log_dir, "outer"), secaggplus_mod, _timing_mod(log_dir, "inner")]
+    if secure and measure_dir:
+        mods += [_timing_mod(measure_dir, "outer"), secaggplus_mod, _timing_mod(measure_dir, "inner")]
+    elif secure:
+        mods.append(secaggplus_mod)
     mods.append(fixedclipping_mod)
     client = ClientApp(client_fn=lambda ctx: FixedUpdate(int(ctx.node_config["partition-id"])).to_client(), mods=mods)
-    stamps: list[float] = []
+    seen: list[tuple[float, list]] = []
     cfg = OmegaConf.create({"aggregation": {"num_shares": "auto", "reconstruction_threshold": 0.6,
                                             "clipping_range": 8.0, "max_weight": 1000.0, "timeout": None},
                             "privacy": {"update_clipping": {"enabled": True}}})
@@ -69,16 +76,25 @@ def round_cost(num_devices: int, secure: bool, shapes: list[tuple], rounds: int 
         strategy = UserLevelDP(
             FedAvg(fraction_fit=1.0, min_fit_clients=num_devices, min_available_clients=num_devices,
                    fraction_evaluate=0.0, initial_parameters=ndarrays_to_parameters(init),
-                   evaluate_fn=lambda r, a, c: stamps.append(time.perf_counter())),
-            clipping_norm=1.0, noise_multiplier=0.0, placement="server")
+                   evaluate_fn=lambda r, arrays, c: seen.append((time.perf_counter(), arrays)) if r else None),
+            clipping_norm=clipping_norm, noise_multiplier=0.0, placement="server")
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
         DefaultWorkflow(fit_workflow=secagg_workflow(cfg, num_devices) if secure else None)(grid, legacy)
 
     run_simulation(server_app=server, client_app=client, num_supernodes=num_devices,
                    backend_config={"client_resources": {"num_cpus": 1},
                                    "init_args": {"include_dashboard": False, "log_to_driver": False}})
-    per_round = np.diff(stamps)[1:]  # round 1 pays for actor start-up
-    result = {"round_s": float(np.median(per_round))}
+    return seen
+
+
+def round_cost(num_devices: int, secure: bool, shapes: list[tuple], rounds: int = 3) -> dict:
+    """Median round time (round 1, which pays for actor start-up, excluded) and per-device SecAgg+ work."""
+    init = [np.zeros(s, dtype=np.float32) for s in shapes]
+    updates = [[np.random.default_rng(pid).normal(0, 0.01, s).astype(np.float32) for s in shapes]
+               for pid in range(num_devices)]
+    log_dir = tempfile.mkdtemp(prefix="fl-ser-bench-")
+    seen = fixed_update_federation(init, updates, secure, rounds=rounds, measure_dir=log_dir)
+    result = {"round_s": float(np.median(np.diff([t for t, _ in seen])))}
     if secure:
         outer = sum(float(v) for f in Path(log_dir).glob("outer_*") for v in f.read_text().split())
         inner = sum(float(v) for f in Path(log_dir).glob("inner_*") for v in f.read_text().split())
