@@ -22,11 +22,11 @@ class HeldOutEvaluator:
         self.cfg = cfg
         self.labels = list(cfg.labels)
         xs, ys, groups = [], [], []
-        self.normalizers = {}
+        self.raw = []
         for spk in test_speakers:
             data = speaker_data(cfg, spk)
             norm = fitted_normalizer(cfg, data.x)
-            self.normalizers[spk] = norm
+            self.raw.append(data.x)
             with torch.no_grad():
                 xs.append(norm(data.x))
             ys.append(data.y)
@@ -43,5 +43,4 @@ class HeldOutEvaluator:
 
     def pooled_normalizer(self):
         """A normaliser on all held-out speakers' raw features: the release's default before device calibration."""
-        raw = torch.cat([speaker_data(self.cfg, s).x for s in self.normalizers])
-        return fitted_normalizer(self.cfg, raw)
+        return fitted_normalizer(self.cfg, torch.cat(self.raw))
