@@ -8,11 +8,7 @@ import soundfile as sf
 import torch
 
 from experiments.train import run
-from fl_ser.privacy.boundary import (
-    EVALUATE_METRICS,
-    TRAIN_METRICS,
-    check_reply,  # noqa: F401  (the table the audit is checked against)
-)
+from fl_ser.privacy.boundary import EVALUATE_METRICS, TRAIN_METRICS
 from tests.conftest import EMODB, make_config, needs_emodb
 
 SUMMARY_KEYS = {"uar", "accuracy", "macro_f1", "uar_by_group", "epsilon_sample_max", "epsilon_user", "delta", "rounds",
