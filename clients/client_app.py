@@ -6,7 +6,22 @@ global classifier with Opacus DP-SGD, and returns the new weights. The mods
 then clip the update, optionally add its share of user-level noise, and mask
 it for SecAgg+; the privacy boundary checks every reply. The device's privacy
 ledger lives in ``context.state`` so its epsilon composes across rounds, and it
-declines to train once the next round would exceed its budget.
+declines to train once the next round would exceed its budget. After the last
+round it receives the released model and keeps it in its versioned model store.
+
+``app`` is the module-level ClientApp the Deployment Engine loads: it reads the
+experiment from the run config (:mod:`fl_ser.run_config`); simulation builds the
+same app around an in-memory config. Torch is imported only when a message needs
+it: three of SecAgg+'s four stages run on the light imports alone.
+
+What a SuperNode's ``--node-config`` may say (all optional except where noted):
+
+* ``partition-id`` and ``num-partitions``: hold this training speaker of the
+  experiment's corpus (simulation, lab rehearsals); or ``speaker=ID``;
+* ``data-dir``: a participant's own folder of WAV files plus ``labels.csv``
+  (real devices; check it first with ``python -m clients.validate``);
+* ``device-dir``: the device's own folder for its model store and reports;
+* ``cache-dir``: where its feature cache lives (default: ``cache_dir``).
 """
 
 from __future__ import annotations
@@ -14,17 +29,38 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("fl_ser.device")
 
 LEDGER_RECORD = "fl-ser.privacy"
+# Evaluate-config keys of the release message (server/release.py sends them after the last round).
+RELEASE_ARTIFACT = "fl-ser.release.artifact"
+RELEASE_ROUND = "fl-ser.release.round"
+RELEASE_CONFIG_HASH = "fl-ser.release.config_hash"
+RELEASE_REPORT = "fl-ser.release.report"  # False: store the release, send no metrics back
 
 
-def device_speaker(cfg: DictConfig, node_config) -> str:
-    """Which training speaker this node holds: its partition id in simulation, or node config in deployment."""
+@dataclass(frozen=True)
+class DeviceSetup:
+    """What a node's config says about this device: whose recordings it holds and where it keeps things."""
+
+    speaker: str
+    data_dir: str | None = None  # a participant folder; None: a speaker of the experiment's corpus
+    device_dir: str | None = None  # model store and reports; None: keep nothing (simulation)
+    cache_dir: str | None = None  # feature cache; None: the experiment's cache_dir
+
+
+def device_setup(cfg: DictConfig, node_config) -> DeviceSetup:
+    """Read this node's config; a misconfigured node gets a message naming the key and the fix."""
+    extra = {key: str(node_config[key]) for key in ("device-dir", "cache-dir") if key in node_config}
+    paths = {"device_dir": extra.get("device-dir"), "cache_dir": extra.get("cache-dir")}
+    if "data-dir" in node_config:
+        folder = Path(str(node_config["data-dir"])).expanduser()
+        return DeviceSetup(str(node_config.get("speaker", folder.name)), str(folder), **paths)
     from fl_ser.task import corpus_from_config, split_from_config
 
     split = split_from_config(cfg, corpus_from_config(cfg))
@@ -32,29 +68,35 @@ def device_speaker(cfg: DictConfig, node_config) -> str:
         speaker = str(node_config["speaker"])
         if speaker not in split.train:
             raise ValueError(f"node config speaker={speaker!r} is not a training speaker of this experiment")
-        return speaker
+        return DeviceSetup(speaker, **paths)
+    if "partition-id" not in node_config:
+        raise ValueError("this SuperNode's --node-config names no data: give it data-dir=FOLDER (a participant's "
+                         "recordings), or partition-id=I num-partitions=N (a speaker of the experiment's corpus)")
     pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
-    if num != len(split.train):
-        raise ValueError(f"the federation has {num} nodes but the experiment has {len(split.train)} training "
-                         "speakers (one device each): the nodes and the server run different data configs")
-    return split.train[pid]
+    if num != len(split.train) or not 0 <= pid < num:
+        raise ValueError(f"node config partition-id={pid} num-partitions={num}, but the experiment has "
+                         f"{len(split.train)} training speakers (one device each): the nodes and the server run "
+                         "different data configs")
+    return DeviceSetup(split.train[pid], **paths)
 
 
 @functools.lru_cache(maxsize=8)
-def _local_data(cfg_json: str, speaker: str):
+def _local_data(cfg_json: str, setup: DeviceSetup):
     import torch
 
+    from fl_ser.data.loaders import DeviceFolder
     from fl_ser.task import fitted_normalizer, speaker_data
 
     cfg = OmegaConf.create(json.loads(cfg_json))
-    data = speaker_data(cfg, speaker)
+    corpus = None if setup.data_dir is None else DeviceFolder(setup.data_dir, setup.speaker)
+    data = speaker_data(cfg, setup.speaker, corpus=corpus, cache_dir=setup.cache_dir)
     with torch.no_grad():
         return fitted_normalizer(cfg, data.x)(data.x), data.y
 
 
-def local_data(cfg: DictConfig, speaker: str):
+def local_data(cfg: DictConfig, setup: DeviceSetup):
     """This device's features, standardised with its own statistics (cached in memory and on its disk)."""
-    return _local_data(json.dumps(OmegaConf.to_container(cfg), sort_keys=True), speaker)
+    return _local_data(json.dumps(OmegaConf.to_container(cfg), sort_keys=True), setup)
 
 
 def dp_config(cfg: DictConfig):
@@ -89,7 +131,8 @@ def make_client(cfg: DictConfig, context):
     from fl_ser.task import get_arrays, new_classifier, set_arrays
     from fl_ser.training import LocalTrainConfig, evaluate, planned_epsilon, train_local
 
-    speaker = device_speaker(cfg, context.node_config)
+    setup = device_setup(cfg, context.node_config)
+    speaker = setup.speaker
     labels = list(cfg.labels)
     num_classes = len(labels)
     dp = dp_config(cfg)
@@ -104,7 +147,7 @@ def make_client(cfg: DictConfig, context):
 
     class EmotionClient(NumPyClient):
         def fit(self, parameters, config):
-            x, y = local_data(cfg, speaker)
+            x, y = local_data(cfg, setup)
             classifier = new_classifier(cfg, num_classes)
             set_arrays(classifier, parameters)
             weight = 1 if uniform else len(x)
@@ -131,7 +174,11 @@ def make_client(cfg: DictConfig, context):
             return arrays, weight, metrics
 
         def evaluate(self, parameters, config):
-            x, y = local_data(cfg, speaker)
+            if RELEASE_ARTIFACT in config and not config.get(RELEASE_REPORT, True):
+                if setup.device_dir is not None:
+                    keep_release(setup, config, labels, {}, context.run_id)
+                return 0.0, 0, {}
+            x, y = local_data(cfg, setup)
             classifier = new_classifier(cfg, num_classes)
             set_arrays(classifier, parameters)
             pred, loss = evaluate(classifier, x, y)
@@ -139,27 +186,59 @@ def make_client(cfg: DictConfig, context):
             metrics = {"uar": rep["uar"], "accuracy": rep["accuracy"], "num_utterances": len(x)}
             if dp is not None:
                 metrics["epsilon"] = ledger().epsilon(dp.delta)
+            if RELEASE_ARTIFACT in config and setup.device_dir is not None:
+                keep_release(setup, config, labels, metrics, context.run_id)
             return loss, len(x), metrics
 
     return EmotionClient().to_client()
 
 
-def build_client_app(cfg: DictConfig):
-    """The ClientApp for a resolved experiment config, with its mods in privacy order."""
-    from flwr.client import ClientApp
+def keep_release(setup: DeviceSetup, config, labels: list[str], metrics: dict, run_id: int) -> None:
+    """Store the released artifact in this device's model store and write the device's own report (both local)."""
+    from clients.model_store import ModelStore
+
+    store = ModelStore(Path(setup.device_dir) / "model_store")
+    stored = store.add(bytes(config[RELEASE_ARTIFACT]), labels,
+                       {"round": int(config[RELEASE_ROUND]), "config_hash": str(config[RELEASE_CONFIG_HASH]),
+                        "run_id": int(run_id), "speaker": setup.speaker})
+    report = {"speaker": setup.speaker, "store": str(store.root), "version": stored.version,
+              "round": int(config[RELEASE_ROUND]), "global_model_on_own_data": metrics}
+    (Path(setup.device_dir) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info("device %s stored release round %s as model version %s", setup.speaker, report["round"], stored.version)
+
+
+def privacy_mods(cfg: DictConfig) -> list:
+    """The ClientApp mods in privacy order: boundary (outermost), SecAgg+, distributed noise, update clipping."""
     from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 
     from clients.mods import distributed_noise_mod
     from fl_ser.privacy.boundary import make_boundary_mod
 
     secure = cfg.aggregation.name == "secagg_plus"
-    audit = cfg.privacy.get("audit_dir")
-    mods = [make_boundary_mod(secure, audit)]
+    mods = [make_boundary_mod(secure, cfg.privacy.get("audit_dir"))]
     if secure:
         mods.append(secaggplus_mod)
     if cfg.privacy.user_level.noise_multiplier > 0 and cfg.privacy.user_level.placement == "distributed":
         mods.append(distributed_noise_mod)
     if cfg.privacy.update_clipping.enabled:
         mods.append(fixedclipping_mod)
-    return ClientApp(client_fn=lambda context: make_client(cfg, context), mods=mods)
+    return mods
 
+
+def build_client_app(cfg: DictConfig | None = None):
+    """The ClientApp for an experiment: ``cfg`` in simulation, or (None) the one each run's config carries."""
+    from flwr.client import ClientApp
+    from flwr.client.mod.utils import make_ffn
+
+    from fl_ser.run_config import experiment_from_run_config
+
+    def experiment(context) -> DictConfig:
+        return cfg if cfg is not None else experiment_from_run_config(context.run_config)
+
+    def configured_mods(msg, context, call_next):
+        return make_ffn(call_next, privacy_mods(experiment(context)))(msg, context)
+
+    return ClientApp(client_fn=lambda context: make_client(experiment(context), context), mods=[configured_mods])
+
+
+app = build_client_app()

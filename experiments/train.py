@@ -3,7 +3,9 @@
 Resolves the config once (filling the label set from the corpus), checks it
 (model vs features, privacy budget, federation size) before any process starts,
 writes it to ``<run dir>/config.yaml``, runs the Flower ServerApp and ClientApps
-on the simulation engine, and prints the summary. Outputs land in the Hydra run
+on the simulation engine (``federation=simulation``) or submits them to a
+SuperLink (``federation=deployment``, see :mod:`experiments.deployment`), and
+prints the summary. Outputs land in the Hydra run
 dir (``hydra.run.dir=DIR`` is respected).
 """
 
@@ -138,8 +140,8 @@ def quiet_console() -> None:
                 handler.addFilter(keep)
 
 
-def run(cfg: DictConfig) -> dict:
-    resolved = prepare(cfg)
+def announce(resolved: DictConfig) -> None:
+    """Set up the run dir and the environment for Flower, and say what is about to run."""
     run_dir = Path(resolved.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
@@ -151,20 +153,36 @@ def run(cfg: DictConfig) -> dict:
     if not resolved.verbose:
         quiet_console()
     print(f"fl-ser: {len(resolved.labels)} emotions, privacy={resolved.privacy.name}, "
-          f"aggregation={resolved.aggregation.name}, {resolved.rounds} rounds -> {run_dir}", flush=True)
-    summary = simulate(resolved)
-    eps_u = summary["epsilon_user"]
+          f"aggregation={resolved.aggregation.name}, {resolved.rounds} rounds on {resolved.federation.engine} "
+          f"-> {run_dir}", flush=True)
+
+
+def report(resolved: DictConfig, summary: dict) -> None:
     chance = 1 / len(resolved.labels)
     print(f"done in {summary['wall_s']:.0f} s: held-out UAR {summary['uar']:.3f} (chance {chance:.3f}), "
           f"accuracy {summary['accuracy']:.3f}, macro-F1 {summary['macro_f1']:.3f}, "
-          f"epsilon_sample_max {summary['epsilon_sample_max']}, epsilon_user {eps_u} | {run_dir}/summary.json",
-          flush=True)
+          f"epsilon_sample_max {summary['epsilon_sample_max']}, epsilon_user {summary['epsilon_user']} | "
+          f"{resolved.run_dir}/summary.json", flush=True)
+
+
+def run(cfg: DictConfig) -> dict:
+    resolved = prepare(cfg)
+    announce(resolved)
+    if resolved.federation.engine == "deployment":
+        from experiments.deployment import run_deployment
+
+        summary = run_deployment(resolved)
+    else:
+        summary = simulate(resolved)
+    report(resolved, summary)
     return summary
 
 
 def cli(job, cfg: DictConfig) -> None:
     """Run a job for the command line: SIGTERM stops it cleanly (Ray included), config errors exit 2 with the fix."""
     import signal
+
+    from experiments.deployment import DeploymentError
 
     def stop(signum, frame):
         raise SystemExit(f"fl-ser: stopped by signal {signum}")
@@ -175,6 +193,9 @@ def cli(job, cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"fl-ser: configuration error: {err}", file=sys.stderr)
         sys.exit(2)
+    except DeploymentError as err:
+        print(f"fl-ser: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -79,10 +79,20 @@ def extract(extractor: nn.Module, waves: list[np.ndarray]) -> torch.Tensor:
                         for w in waves])
 
 
-def speaker_data(cfg: DictConfig, speaker: str) -> SpeakerData:
-    """Load (from the local cache when possible) one speaker's features: the on-device data path."""
-    corpus = corpus_from_config(cfg)
-    cache = Path(cfg.cache_dir) / "features" / f"{_key(_plain(cfg.data), _plain(cfg.features), speaker)}.pt"
+def speaker_data(cfg: DictConfig, speaker: str, corpus: Corpus | None = None,
+                 cache_dir: str | None = None) -> SpeakerData:
+    """Load (from the local cache when possible) one speaker's features: the on-device data path.
+
+    ``corpus`` is the experiment's corpus unless the device brings its own (a participant folder);
+    ``cache_dir`` defaults to the experiment's ``cache_dir``.
+    """
+    if corpus is None:
+        corpus, source = corpus_from_config(cfg), _plain(cfg.data)
+    else:  # a device's own folder: its place and its label list identify the cached features
+        source = {"corpus": type(corpus).__name__, "where": corpus.where,
+                  "labels": [(u.uid, u.emotion) for u in corpus.utterances_of(speaker)]}
+    key = _key(source, _plain(cfg.features), speaker, cfg.get("labels"))
+    cache = Path(cache_dir or cfg.cache_dir) / "features" / f"{key}.pt"
     if cache.exists():
         blob = torch.load(cache, weights_only=False)
         return SpeakerData(speaker, blob["sex"], blob["x"], blob["y"], blob["report"])
@@ -90,13 +100,24 @@ def speaker_data(cfg: DictConfig, speaker: str) -> SpeakerData:
     if not utts:
         raise ValueError(f"speaker {speaker}: no usable audio ({report.summary()})")
     x = extract(extractor_from_config(cfg), waves)
-    y = torch.tensor([corpus.label_of(u) for u in utts], dtype=torch.long)
+    y = torch.tensor([label_index(cfg, corpus, u) for u in utts], dtype=torch.long)
     data = SpeakerData(speaker, corpus.speaker_sex(speaker), x, y, report)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{np.random.randint(1 << 30)}.tmp")
     torch.save({"sex": data.sex, "x": x, "y": y, "report": report}, tmp)
     tmp.replace(cache)  # atomic: concurrent devices never read a half-written file
     return data
+
+
+def label_index(cfg: DictConfig, corpus: Corpus, utt) -> int:
+    """Class index of an utterance in the experiment's label list (a device may hold only some emotions)."""
+    labels = cfg.get("labels")
+    if not labels:
+        return corpus.label_of(utt)
+    if utt.emotion not in labels:
+        raise ValueError(f"{utt.uid}: emotion {utt.emotion!r} is not one of this experiment's labels {list(labels)}; "
+                         "remove it from labels.csv (check with `python -m clients.validate DATA_DIR --labels ...`)")
+    return list(labels).index(utt.emotion)
 
 
 def fitted_normalizer(cfg: DictConfig, x: torch.Tensor) -> nn.Module:

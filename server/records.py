@@ -52,7 +52,9 @@ class RunRecorder:
         self._fit = {"participants": len(results), "declined": int(sum(int(m.get("declined", 0)) for _, m in results))}
         return {"epsilon_sample_max": self.epsilon_sample_max or 0.0, **self._fit}
 
-    def round_done(self, server_round: int, loss: float, report: dict, arrays: list[np.ndarray]) -> None:
+    def round_done(self, server_round: int, loss: float, report: dict, arrays: list[np.ndarray],
+                   dropped: list[str] | None = None) -> None:
+        """Record one round; ``dropped`` names the sampled devices (node ids) whose update never arrived."""
         now = time.monotonic()
         row = {
             "round": server_round, "uar": report["uar"], "accuracy": report["accuracy"],
@@ -60,7 +62,7 @@ class RunRecorder:
             "epsilon_user": self.user_epsilon_after(server_round) if server_round else None,
             "participants": self._fit.get("participants", 0) if server_round else 0,
             "declined": self._fit.get("declined", 0) if server_round else 0,
-            "seconds": round(now - self._last, 3), "uar_by_group": report.get("uar_by_group"),
+            "dropped": dropped, "seconds": round(now - self._last, 3), "uar_by_group": report.get("uar_by_group"),
             "confusion": report["confusion"],
         }
         self._last = now
@@ -78,9 +80,14 @@ class RunRecorder:
         eps_s = "-" if row["epsilon_sample_max"] is None else f"{row['epsilon_sample_max']:.2f}"
         eps_u = "-" if row["epsilon_user"] is None else f"{row['epsilon_user']:.2f}"
         declined = f" | declined {row['declined']}" if row["declined"] else ""
+        declined += f" | dropped {', '.join(dropped)}" if dropped else ""
         print(f"round {server_round:3d}/{self.total_rounds} | UAR {report['uar']:.3f} | acc {report['accuracy']:.3f} "
               f"| loss {loss:.3f} | eps_sample {eps_s} | eps_user {eps_u}{declined} | {row['seconds']:.1f} s",
               flush=True)
+
+    def dropouts(self) -> dict[str, list[str]]:
+        """Round -> the node ids that dropped out of it (only rounds with dropouts)."""
+        return {str(r["round"]): r["dropped"] for r in self.rounds if r.get("dropped")}
 
     def write_summary(self, summary: dict) -> dict:
         summary = _clean({**summary, "wall_s": round(time.monotonic() - self._t0, 2)})

@@ -46,17 +46,25 @@ def release_model(cfg: DictConfig, arrays: list[np.ndarray], normalizer, out_dir
     return {"path": str(path), "bytes": path.stat().st_size}
 
 
-def deploy_and_collect(grid, arrays: list[np.ndarray], round_id: int) -> list[dict]:
-    """Send the released weights to every device; each evaluates them on its own data and reports metrics."""
+def deploy_and_collect(grid, cfg: DictConfig, arrays: list[np.ndarray], artifact: Path, rounds: int) -> list[dict]:
+    """Send the release to every device: the artifact for its model store, and the weights it evaluates on its data."""
+    from clients.client_app import RELEASE_ARTIFACT, RELEASE_CONFIG_HASH, RELEASE_REPORT, RELEASE_ROUND
+    from fl_ser.run_config import config_hash
+    from server.server_app import reply_timeout
+
     nodes = list(grid.get_node_ids())
-    ins = EvaluateIns(ndarrays_to_parameters(arrays), {"release": True})
+    report = bool(cfg.release.device_report)
+    config = {RELEASE_REPORT: report, RELEASE_ARTIFACT: artifact.read_bytes(), RELEASE_ROUND: rounds,
+              RELEASE_CONFIG_HASH: config_hash(cfg)}
+    ins = EvaluateIns(ndarrays_to_parameters(arrays), config)
     msgs = [Message(content=compat.evaluateins_to_recorddict(ins, keep_input=True), dst_node_id=nid,
-                    message_type=MessageType.EVALUATE, group_id=str(round_id)) for nid in nodes]
+                    message_type=MessageType.EVALUATE, group_id=str(rounds + 1)) for nid in nodes]
     reports = []
-    for reply in grid.send_and_receive(msgs):
+    for reply in grid.send_and_receive(msgs, timeout=reply_timeout(cfg)):
         if reply.has_error():
             log.warning("device %s could not evaluate the release: %s", reply.metadata.src_node_id, reply.error)
             continue
         res = compat.recorddict_to_evaluateres(reply.content)
-        reports.append({"node": int(reply.metadata.src_node_id), "loss": float(res.loss), **res.metrics})
+        if report:
+            reports.append({"node": int(reply.metadata.src_node_id), "loss": float(res.loss), **res.metrics})
     return reports

@@ -10,7 +10,6 @@ flwr 1.42: ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` over a
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -28,19 +27,16 @@ def clients_per_round(cfg: DictConfig, num_devices: int) -> int:
     return m
 
 
-def secagg_workflow(cfg: DictConfig, num_sampled: int):
-    """SecAgg+ with num_shares growing logarithmically in the number of sampled devices (when 'auto')."""
-    from flwr.server.workflow import SecAggPlusWorkflow
+def reply_timeout(cfg: DictConfig) -> float | None:
+    """Seconds the server waits for a device's reply before counting it as dropped (None: wait for all)."""
+    t = cfg.federation.get("reply_timeout_s")
+    return None if t is None else float(t)
 
-    agg = cfg.aggregation
-    shares = agg.num_shares
-    if shares == "auto":  # Bell et al. 2020: O(log n) neighbours suffice; keep it odd and within the cohort
-        shares = min(num_sampled, 2 * math.ceil(math.log2(num_sampled)) + 1)
-        shares = 1.0 if shares >= num_sampled else shares  # 1.0 = everybody (Flower's convention)
-    uniform = bool(cfg.privacy.update_clipping.enabled)
-    return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=agg.reconstruction_threshold,
-                              max_weight=1.0 if uniform else float(agg.max_weight),
-                              clipping_range=float(agg.clipping_range), timeout=agg.timeout)
+
+def expected_devices(cfg: DictConfig, num_training_speakers: int) -> int:
+    """Devices taking part: one per training speaker, unless the federation names a number (real devices)."""
+    n = cfg.federation.get("num_devices")
+    return num_training_speakers if n is None else int(n)
 
 
 def run_server(grid, context, cfg: DictConfig) -> dict:
@@ -53,14 +49,16 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
     from fl_ser.privacy.accountant import user_level_epsilon
     from fl_ser.task import corpus_from_config, get_arrays, new_classifier, split_from_config
     from server.evaluation import HeldOutEvaluator
+    from server.grid import PromptGrid
     from server.records import RunRecorder
     from server.release import deploy_and_collect, release_model
+    from server.secagg import secagg_workflow
     from server.user_dp import UserLevelDP
 
     run_dir = Path(cfg.run_dir)
     corpus = corpus_from_config(cfg)
     split = split_from_config(cfg, corpus)
-    num_devices = len(split.train)
+    num_devices = expected_devices(cfg, len(split.train))
     m = clients_per_round(cfg, num_devices)
     rounds = int(cfg.rounds)
     user = cfg.privacy.user_level
@@ -73,9 +71,12 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
     recorder = RunRecorder(run_dir, rounds, user_eps)
     init = get_arrays(new_classifier(cfg, len(cfg.labels)))
 
+    user_dp = None  # the UserLevelDP wrapper, when updates are clipped: it also knows who dropped out
+
     def evaluate_fn(server_round, arrays, config):
         loss, report = evaluator(arrays)
-        recorder.round_done(server_round, loss, report, arrays)
+        dropped = user_dp.last_round.get("dropped") if user_dp is not None and server_round else None
+        recorder.round_done(server_round, loss, report, arrays, dropped=dropped)
         return loss, {"uar": report["uar"]}
 
     strategy = instantiate(
@@ -85,17 +86,20 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
         on_fit_config_fn=lambda r: {"server_round": r},
     )
     if cfg.privacy.update_clipping.enabled:
-        strategy = UserLevelDP(strategy, float(cfg.privacy.update_clipping.clipping_norm), z_user,
-                               str(user.placement))
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
+        strategy = user_dp = UserLevelDP(strategy, float(cfg.privacy.update_clipping.clipping_norm), z_user,
+                                         str(user.placement))
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds, round_timeout=reply_timeout(cfg)),
+                           strategy=strategy)
     secure = cfg.aggregation.name == "secagg_plus"
+    if cfg.federation.get("poll_interval_s"):
+        grid = PromptGrid(grid, float(cfg.federation.poll_interval_s))
     DefaultWorkflow(fit_workflow=secagg_workflow(cfg, m) if secure else None)(grid, legacy)
 
     params = compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
     final = parameters_to_ndarrays(params)
     loss, report = evaluator(final)
     release = release_model(cfg, final, evaluator.pooled_normalizer(), run_dir / "release")
-    devices = deploy_and_collect(grid, final, rounds + 1) if cfg.release.device_report else []
+    devices = deploy_and_collect(grid, cfg, final, Path(release["path"]), rounds) if cfg.release.deploy else []
     summary = {
         "uar": report["uar"], "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
         "uar_by_group": report.get("uar_by_group"), "recall": report["recall"], "loss": loss,
@@ -108,19 +112,25 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
         "num_test_utterances": evaluator.num_utterances, "labels": list(cfg.labels), "confusion": report["confusion"],
         "privacy": str(cfg.privacy.name), "aggregation": str(cfg.aggregation.name),
         "strategy": str(cfg.strategy._target_).rsplit(".", 1)[-1], "release": release,
-        "device_reports": devices,
+        "device_reports": devices, "dropouts": recorder.dropouts(),
         "device_uar_mean": (sum(d["uar"] for d in devices) / len(devices)) if devices else None,
     }
     return recorder.write_summary(summary)
 
 
-def build_server_app(cfg: DictConfig):
+def build_server_app(cfg: DictConfig | None = None):
+    """The ServerApp for an experiment: ``cfg`` in simulation, or (None) the one each run's config carries."""
     from flwr.server import ServerApp
 
-    app = ServerApp()
+    from fl_ser.run_config import experiment_from_run_config
 
-    @app.main()
+    server_app = ServerApp()
+
+    @server_app.main()
     def main(grid, context) -> None:
-        run_server(grid, context, cfg)
+        run_server(grid, context, cfg if cfg is not None else experiment_from_run_config(context.run_config))
 
-    return app
+    return server_app
+
+
+app = build_server_app()

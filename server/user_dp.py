@@ -45,7 +45,7 @@ class UserLevelDP(Strategy):
         self.clipping_norm = clipping_norm
         self.noise_multiplier = noise_multiplier
         self.placement = placement
-        self._sampled = 0
+        self._sampled: set[str] = set()
         self.last_round: dict = {}
         self._rng = np.random.default_rng(secrets.randbits(128))
 
@@ -63,16 +63,19 @@ class UserLevelDP(Strategy):
             extra[KEY_DEVICE_NOISE_STD] = self.noise_multiplier * self.clipping_norm / math.sqrt(len(instructions))
         for _, ins in instructions:
             ins.config.update(extra)
-        self._sampled = len(instructions)
+        self._sampled = {proxy.cid for proxy, _ in instructions}
+        # Until updates arrive every sampled device counts as dropped (SecAgg+ may halt before aggregate_fit).
+        self.last_round = {"participants": 0, "server_noise_std": 0.0, "failures": 0, "dropped": sorted(self._sampled)}
         return instructions
 
     def aggregate_fit(self, server_round, results, failures):
         if not results:
             return None, {}
-        n = len(results)
-        if failures or n < self._sampled:
-            log.warning("round %s: %d of %d sampled devices returned an update (%d failures)", server_round, n,
-                        self._sampled, len(failures))
+        n, m = len(results), len(self._sampled)
+        dropped = sorted(self._sampled - {proxy.cid for proxy, _ in results})
+        if failures or dropped:
+            log.warning("round %s: %d of %d sampled devices returned an update; dropped out: %s (%d failures)",
+                        server_round, n, m, ", ".join(dropped) or "none", len(failures))
         # Uniform mean of the (clipped) parameters. Under SecAgg+ every result already holds the unmasked mean.
         arrays = [parameters_to_ndarrays(r.parameters) for _, r in results]
         mean = [np.mean(np.stack(layer), axis=0) for layer in zip(*arrays, strict=True)]
@@ -81,11 +84,11 @@ class UserLevelDP(Strategy):
             target = self.noise_multiplier * self.clipping_norm / n
             already = 0.0
             if self.placement == "distributed":  # n shares of std zC/sqrt(m), averaged over n
-                already = self.noise_multiplier * self.clipping_norm * math.sqrt(n / self._sampled) / n
+                already = self.noise_multiplier * self.clipping_norm * math.sqrt(n / m) / n
             std = math.sqrt(max(target**2 - already**2, 0.0))
             if std > 0:
                 mean = [m + self._rng.normal(0.0, std, m.shape).astype(m.dtype) for m in mean]
-        self.last_round = {"participants": n, "server_noise_std": std, "failures": len(failures)}
+        self.last_round = {"participants": n, "server_noise_std": std, "failures": len(failures), "dropped": dropped}
         noised = ndarrays_to_parameters(mean)
         for _, r in results:
             r.parameters = noised

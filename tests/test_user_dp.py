@@ -1,5 +1,7 @@
 """User-level DP on the server: uniform mean, calibrated Gaussian noise (server or distributed), before optimisers."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
@@ -12,14 +14,25 @@ DIM = 200_000
 
 def results(values, weights=None):
     weights = weights or [1] * len(values)
-    return [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.full(DIM, v, dtype=np.float64)]), w, {}))
-            for v, w in zip(values, weights, strict=True)]
+    return [(SimpleNamespace(cid=str(i)),
+             FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.full(DIM, v, dtype=np.float64)]), w, {}))
+            for i, (v, w) in enumerate(zip(values, weights, strict=True))]
 
 
 def aggregate(strategy, values, sampled, weights=None):
-    strategy._sampled = sampled
+    """Aggregate updates from devices 0..len(values)-1 of ``sampled`` devices 0..sampled-1."""
+    strategy._sampled = {str(i) for i in range(sampled)}
     params, _ = strategy.aggregate_fit(1, results(values, weights), [])
     return parameters_to_ndarrays(params)[0]
+
+
+def test_dropped_devices_are_named():
+    dp = UserLevelDP(FedAvg(), 1.0, 0.0, "server")
+    aggregate(dp, [0.0] * 3, 5)
+    assert dp.last_round["dropped"] == ["3", "4"]
+    assert dp.last_round["participants"] == 3
+    aggregate(dp, [0.0] * 5, 5)
+    assert dp.last_round["dropped"] == []
 
 
 def test_uniform_mean_without_noise_ignores_example_counts():
@@ -60,7 +73,7 @@ def test_devices_get_the_clipping_norm_and_their_noise_share():
         def configure_fit(self, server_round, parameters, client_manager):
             from flwr.common import FitIns
 
-            return [(None, FitIns(parameters, {})) for _ in range(4)]
+            return [(SimpleNamespace(cid=str(i)), FitIns(parameters, {})) for i in range(4)]
 
     dp = UserLevelDP(Inner(), 2.0, 1.0, "distributed")
     ins = dp.configure_fit(1, ndarrays_to_parameters([np.zeros(2)]), SimpleClientManager())

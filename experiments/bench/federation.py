@@ -46,7 +46,7 @@ def fixed_update_federation(init: list[np.ndarray], updates: list[list[np.ndarra
     from flwr.simulation import run_simulation
 
     from fl_ser.privacy.boundary import make_boundary_mod
-    from server.server_app import secagg_workflow
+    from server.secagg import secagg_workflow
     from server.user_dp import UserLevelDP
 
     num_devices = len(updates)
@@ -67,8 +67,8 @@ def fixed_update_federation(init: list[np.ndarray], updates: list[list[np.ndarra
     client = ClientApp(client_fn=lambda ctx: FixedUpdate(int(ctx.node_config["partition-id"])).to_client(), mods=mods)
     seen: list[tuple[float, list]] = []
     cfg = OmegaConf.create({"aggregation": {"num_shares": "auto", "reconstruction_threshold": 0.6,
-                                            "clipping_range": 8.0, "max_weight": 1000.0, "timeout": None},
-                            "privacy": {"update_clipping": {"enabled": True}}})
+                                            "clipping_range": 8.0, "max_weight": 1000.0},
+                            "federation": {"reply_timeout_s": None}, "privacy": {"update_clipping": {"enabled": True}}})
     server = ServerApp()
 
     @server.main()

@@ -27,6 +27,7 @@ class AudioError(Exception):
         super().__init__(f"{path}: {reason} ({detail})")
         self.path = str(path)
         self.reason = reason
+        self.detail = detail
 
 
 def _dbfs(x: float) -> float:

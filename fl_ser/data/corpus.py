@@ -78,6 +78,8 @@ class Corpus(abc.ABC):
     """
 
     name: str = "corpus"
+    #: Whether requesting an emotion the data lacks is an error (a corpus) or merely logged (one participant).
+    requires_every_emotion: bool = True
     emotions: tuple[str, ...]
     utterances: list[Utterance]  # set by _finalise (file corpora) or built lazily
 
@@ -95,14 +97,17 @@ class Corpus(abc.ABC):
         present = {u.emotion for u in utterances}
         if self._requested_emotions:
             missing = [e for e in self._requested_emotions if e not in present]
-            if missing:
+            if missing and self.requires_every_emotion:
                 raise CorpusError(
                     f"{self.name}: emotions {missing} were requested but {where} has none; it has {sorted(present)}"
                 )
+            if missing:
+                log.info("%s: %s has no utterances of %s", self.name, where, missing)
             self.emotions = self._requested_emotions
         else:
             self.emotions = tuple(e for e in EMOTIONS if e in present)
         self.utterances = sorted((u for u in utterances if u.emotion in self.emotions), key=lambda u: u.uid)
+        self.where = where
 
     @property
     def speakers(self) -> list[str]:

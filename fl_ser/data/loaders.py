@@ -8,6 +8,11 @@ demographics table) when constructed; audio is read on the device side by
 * :class:`RAVDESS`  ``root/Actor_01/03-01-05-01-01-01-01.wav``
 * :class:`CremaD`   ``root/AudioWAV/1001_DFA_ANG_XX.wav`` (+ ``root/VideoDemographics.csv``)
 * :class:`Manifest` a CSV ``path,speaker,emotion[,sex]`` for any other corpus
+* :class:`DeviceFolder` one participant's folder of WAV files plus ``labels.csv`` (``file,emotion``)
+
+The two table-driven loaders share :class:`TableCorpus`: it parses each row into an
+utterance or a problem (with its line number), so a loader can stop at the first
+problem while ``clients.validate`` reports them all.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from __future__ import annotations
 import csv
 import logging
 import re
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePath
 from typing import ClassVar
 
 import numpy as np
@@ -47,10 +53,12 @@ def normalise_emotion(label: str) -> str | None:
     return key if key in EMOTIONS else None
 
 
-def _wavs(folder: Path) -> list[Path]:
+def wav_files(folder: Path, recursive: bool = False) -> list[Path]:
+    """The ``.wav`` files (any case) in ``folder`` (and its subfolders if ``recursive``), sorted; [] if no folder."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".wav")
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in candidates if p.is_file() and p.suffix.lower() == ".wav")
 
 
 class FileCorpus(Corpus):
@@ -60,14 +68,16 @@ class FileCorpus(Corpus):
     layout: str = ""
     display: str = ""
 
+    @property
+    def fix(self) -> str:
+        """How to point the loader at the right folder (ends every error about the root)."""
+        return f"pass data.root=DIR pointing at the {self.display} folder"
+
     def _load_audio(self, utt: Utterance) -> np.ndarray:
         return read_audio(utt.source)
 
-    def _fail(self, root: Path, problem: str, what: str = "root") -> CorpusError:
-        return CorpusError(
-            f"{self.name}: {root} {problem}; expected {self.layout}. "
-            f"Fix: pass data.{what}=DIR pointing at the {self.display} folder."
-        )
+    def _fail(self, root: Path, problem: str) -> CorpusError:
+        return CorpusError(f"{self.name}: {root} {problem}; expected {self.layout}. Fix: {self.fix}.")
 
     def _check_root(self, root: str | Path) -> Path:
         root = Path(root).expanduser()
@@ -140,7 +150,7 @@ class EmoDB(FileCorpus):
     def __init__(self, root: str | Path, emotions: list[str] | tuple[str, ...] | None = None):
         super().__init__(emotions)
         self.root = self._check_root(root)
-        self._collect(self.root, _wavs(self.root / "wav") + _wavs(self.root), self._parse)
+        self._collect(self.root, wav_files(self.root / "wav") + wav_files(self.root), self._parse)
 
     def _parse(self, path: Path) -> Utterance | None:
         m = self._NAME.match(path.stem)
@@ -177,7 +187,7 @@ class RAVDESS(FileCorpus):
         super().__init__(emotions)
         self.root = self._check_root(root)
         actors = [p for p in sorted(self.root.glob("Actor_*")) + sorted(self.root.glob("*/Actor_*")) if p.is_dir()]
-        self._collect(self.root, [f for d in actors for f in _wavs(d)], self._parse)
+        self._collect(self.root, [f for d in actors for f in wav_files(d)], self._parse)
 
     def _parse(self, path: Path) -> Utterance | None:
         m = self._NAME.match(path.stem)
@@ -211,7 +221,7 @@ class CremaD(FileCorpus):
         super().__init__(emotions)
         self.root = self._check_root(root)
         self.sexes = self._read_demographics(self.root / "VideoDemographics.csv")
-        self._collect(self.root, _wavs(self.root / "AudioWAV") + _wavs(self.root), self._parse)
+        self._collect(self.root, wav_files(self.root / "AudioWAV") + wav_files(self.root), self._parse)
 
     def _read_demographics(self, path: Path) -> dict[str, str]:
         if not path.is_file():
@@ -236,7 +246,87 @@ class CremaD(FileCorpus):
         return Utterance(path.stem, actor, self.CODES[emotion], self.sexes.get(actor), str(path))
 
 
-class Manifest(FileCorpus):
+@dataclass(frozen=True)
+class TableRow:
+    """One data row of a corpus table: its line number and the utterance it lists, or why it cannot be used."""
+
+    line: int
+    utterance: Utterance | None
+    problem: str | None = None
+
+
+def _require(values: dict[str, str], columns: Iterable[str]) -> None:
+    for column in columns:
+        if not values.get(column):
+            raise CorpusError(f"empty {column!r}; fill it in or remove the row")
+
+
+def _emotion(label: str) -> str:
+    emotion = normalise_emotion(label)
+    if emotion is None:
+        raise CorpusError(f"unknown emotion {label!r}; use one of {EMOTIONS} or an alias {sorted(EMOTION_ALIASES)}")
+    return emotion
+
+
+class TableCorpus(FileCorpus):
+    """A corpus listed in a CSV table, one utterance per row (:class:`Manifest`, :class:`DeviceFolder`).
+
+    Column names are case-insensitive and values are stripped. Subclasses name their
+    :attr:`REQUIRED` columns and turn a row's values into an :class:`Utterance`, raising
+    :class:`CorpusError` with the problem; the table's path and line number are added here.
+    """
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def _read_table(cls, table: Path, parse: Callable[[dict[str, str]], Utterance]) -> list[TableRow]:
+        """Every row of ``table``, parsed; a row's problem (a bad value, a file listed twice) is kept, not raised.
+
+        Raises :class:`CorpusError` only when the table as a whole is unusable (not CSV, a required column missing).
+        """
+        try:
+            with open(table, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                columns = [c.strip().lower() for c in reader.fieldnames or []]
+                missing = [c for c in cls.REQUIRED if c not in columns]
+                if missing:
+                    raise CorpusError(
+                        f"{cls.name}: {table} lacks required column(s) {missing}; found {columns}. "
+                        f"Expected {cls.layout}."
+                    )
+                reader.fieldnames = columns
+                first_line: dict[str, int] = {}
+                rows = []
+                for record in reader:
+                    line = reader.line_num
+                    try:
+                        utt = parse({k: (v or "").strip() for k, v in record.items() if k is not None})
+                    except CorpusError as err:
+                        rows.append(TableRow(line, None, str(err)))
+                        continue
+                    if utt.uid in first_line:
+                        problem = f"{utt.uid} is listed again (first on line {first_line[utt.uid]}); remove one row"
+                        rows.append(TableRow(line, None, problem))
+                    else:
+                        first_line[utt.uid] = line
+                        rows.append(TableRow(line, utt))
+        except (UnicodeDecodeError, csv.Error) as err:
+            raise CorpusError(
+                f"{cls.name}: {table} is not a readable CSV file ({err}). Save it as UTF-8 CSV: {cls.layout}."
+            ) from err
+        return rows
+
+    def _accept(self, table: Path, rows: list[TableRow]) -> None:
+        """Finalise the corpus from a table's rows, stopping at the first row with a problem."""
+        for row in rows:
+            if row.problem:
+                raise CorpusError(f"{self.name}: {table} line {row.line}: {row.problem}")
+        if not rows:
+            raise CorpusError(f"{self.name}: {table} lists no utterances; expected {self.layout}. Fix: {self.fix}.")
+        self._finalise([row.utterance for row in rows if row.utterance], where=str(table))
+
+
+class Manifest(TableCorpus):
     """Any corpus described by a CSV with columns ``path,speaker,emotion`` and optional ``sex``.
 
     Paths are relative to the CSV's folder (absolute paths work too). Emotion
@@ -248,55 +338,75 @@ class Manifest(FileCorpus):
     name = "manifest"
     display = "manifest"
     layout = "a CSV file with header path,speaker,emotion[,sex]"
+    fix = "pass data.manifest=FILE pointing at the CSV"
     REQUIRED: ClassVar[tuple[str, ...]] = ("path", "speaker", "emotion")
 
     def __init__(self, manifest: str | Path, emotions: list[str] | tuple[str, ...] | None = None):
         super().__init__(emotions)
         path = Path(manifest).expanduser()
-        fix = "Fix: pass data.manifest=FILE pointing at the CSV."
         if not path.is_file():
-            problem = "does not exist" if not path.exists() else "is not a file"
-            raise CorpusError(f"{self.name}: {path} {problem}; expected {self.layout}. {fix}")
+            raise self._fail(path, "does not exist" if not path.exists() else "is not a file")
         self.manifest = path
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns = [c.strip().lower() for c in reader.fieldnames or []]
-            missing = [c for c in self.REQUIRED if c not in columns]
-            if missing:
-                raise CorpusError(
-                    f"{self.name}: {path} lacks required column(s) {missing}; found {columns}. Expected {self.layout}."
-                )
-            reader.fieldnames = columns
-            lines: dict[str, int] = {}
-            utterances = []
-            for row in reader:
-                utt = self._parse(row, reader.line_num)
-                if utt.uid in lines:
-                    raise CorpusError(
-                        f"{self.name}: {path} lists {utt.uid} twice (lines {lines[utt.uid]} and {reader.line_num})"
-                    )
-                lines[utt.uid] = reader.line_num
-                utterances.append(utt)
-        if not utterances:
-            raise CorpusError(f"{self.name}: {path} lists no utterances; expected {self.layout}. {fix}")
-        self._finalise(utterances, where=str(path))
+        self._accept(path, self._read_table(path, self._parse))
 
-    def _parse(self, row: dict[str, str | None], line: int) -> Utterance:
-        where = f"{self.manifest} line {line}"
-        values = {k: (v or "").strip() for k, v in row.items() if k is not None}
-        for column in self.REQUIRED:
-            if not values.get(column):
-                raise CorpusError(f"{self.name}: {where}: empty {column!r}")
-        emotion = normalise_emotion(values["emotion"])
-        if emotion is None:
-            raise CorpusError(
-                f"{self.name}: {where}: unknown emotion {values['emotion']!r}; "
-                f"use one of {EMOTIONS} or an alias {sorted(EMOTION_ALIASES)}"
-            )
+    def _parse(self, values: dict[str, str]) -> Utterance:
+        _require(values, self.REQUIRED)
+        emotion = _emotion(values["emotion"])
         sex_text = values.get("sex", "").lower()
         if sex_text not in _SEX_VALUES:
-            raise CorpusError(f"{self.name}: {where}: unknown sex {values['sex']!r}; use f, m, female, male or empty")
+            raise CorpusError(f"unknown sex {values['sex']!r}; use f, m, female, male or empty")
         source = Path(values["path"]).expanduser()
         if not source.is_absolute():
             source = self.manifest.parent / source
         return Utterance(values["path"], values["speaker"], emotion, _SEX_VALUES[sex_text], str(source))
+
+
+class DeviceFolder(TableCorpus):
+    """One participant's recordings on their device: WAV files plus ``labels.csv`` with columns ``file,emotion``.
+
+    ``file`` is the path of a recording inside the folder (subfolders are fine; the
+    uid is that path). Emotion labels are as in :class:`Manifest`. Every utterance
+    belongs to ``speaker`` (default: the folder's name). With ``emotions`` given,
+    class ``i`` is ``emotions[i]`` even if the participant recorded none of some of
+    them (one person rarely covers every emotion); rows of other emotions are left out.
+    Check a folder before a trial with ``python -m clients.validate DATA_DIR``.
+    """
+
+    name = "device_folder"
+    display = "participant"
+    layout = "a folder of WAV files plus labels.csv with header file,emotion"
+    fix = "point it at the participant's folder, the one holding labels.csv"
+    requires_every_emotion = False
+    TABLE: ClassVar[str] = "labels.csv"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("file", "emotion")
+
+    def __init__(
+        self, root: str | Path, speaker: str | None = None, emotions: list[str] | tuple[str, ...] | None = None
+    ):
+        super().__init__(emotions)
+        self.root = self._check_root(root)
+        self.speaker = speaker or self.root.resolve().name
+        self._accept(self.root / self.TABLE, self.read_labels(self.root, self.speaker))
+
+    @classmethod
+    def read_labels(cls, root: Path, speaker: str) -> list[TableRow]:
+        """Every row of ``root/labels.csv``, parsed, problems kept (see :meth:`TableCorpus._read_table`).
+
+        Raises :class:`CorpusError` when ``labels.csv`` is missing, not CSV, or lacks a required column.
+        """
+        table = root / cls.TABLE
+        if not table.is_file():
+            raise CorpusError(
+                f"{cls.name}: {root} has no {cls.TABLE}; expected {cls.layout}. Fix: add {cls.TABLE} with one row "
+                "per recording, e.g. 'take_01.wav,happiness'."
+            )
+        return cls._read_table(table, lambda values: cls._utterance(root, speaker, values))
+
+    @classmethod
+    def _utterance(cls, root: Path, speaker: str, values: dict[str, str]) -> Utterance:
+        _require(values, cls.REQUIRED)
+        emotion = _emotion(values["emotion"])
+        relative = PurePath(values["file"])
+        if relative.is_absolute() or ".." in relative.parts:
+            raise CorpusError(f"file {values['file']!r} is outside the folder; give its path relative to {root}")
+        return Utterance(relative.as_posix(), speaker, emotion, None, str(root / relative))

@@ -1,0 +1,36 @@
+"""The resolved experiment config as it travels inside a Flower run config (Deployment Engine).
+
+``flwr run`` sends one run config to the ServerApp and to every ClientApp. fl-ser
+puts the whole resolved Hydra config in it, as JSON under one key, so the apps on
+the SuperLink and on every SuperNode build exactly the experiment that was
+resolved and checked on the submitting machine. This module stays light (no
+torch): every Deployment-Engine message starts a fresh ClientApp process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from omegaconf import DictConfig, OmegaConf
+
+RUN_CONFIG_KEY = "experiment"
+
+
+def encode(cfg: DictConfig) -> str:
+    return json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A short, stable fingerprint of the experiment (stored with every model a device receives)."""
+    return hashlib.sha256(encode(cfg).encode()).hexdigest()[:16]
+
+
+def experiment_from_run_config(run_config) -> DictConfig:
+    """The experiment a Flower run carries, or a clear error when the run was not submitted by fl-ser."""
+    text = run_config.get(RUN_CONFIG_KEY) if run_config else None
+    if not text:
+        raise ValueError(f"this Flower run carries no fl-ser experiment (run config key {RUN_CONFIG_KEY!r} is empty). "
+                         "Submit it with `python -m experiments.train federation=deployment ...` or "
+                         "`python -m experiments.lab rehearse --lab DIR`, not with a bare `flwr run`.")
+    return OmegaConf.create(json.loads(str(text)))
