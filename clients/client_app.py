@@ -91,11 +91,11 @@ def _local_data(cfg_json: str, setup: DeviceSetup):
     corpus = None if setup.data_dir is None else DeviceFolder(setup.data_dir, setup.speaker)
     data = speaker_data(cfg, setup.speaker, corpus=corpus, cache_dir=setup.cache_dir)
     with torch.no_grad():
-        return fitted_normalizer(cfg, data.x)(data.x), data.y
+        return fitted_normalizer(cfg, data.x)(data.x), data.y, data.x
 
 
 def local_data(cfg: DictConfig, setup: DeviceSetup):
-    """This device's features, standardised with its own statistics (cached in memory and on its disk)."""
+    """This device's features standardised with its own statistics, its labels, and the raw features (cached)."""
     return _local_data(json.dumps(OmegaConf.to_container(cfg), sort_keys=True), setup)
 
 
@@ -147,7 +147,7 @@ def make_client(cfg: DictConfig, context):
 
     class EmotionClient(NumPyClient):
         def fit(self, parameters, config):
-            x, y = local_data(cfg, setup)
+            x, y, _ = local_data(cfg, setup)
             classifier = new_classifier(cfg, num_classes)
             set_arrays(classifier, parameters)
             weight = 1 if uniform else len(x)
@@ -176,9 +176,9 @@ def make_client(cfg: DictConfig, context):
         def evaluate(self, parameters, config):
             if RELEASE_ARTIFACT in config and not config.get(RELEASE_REPORT, True):
                 if setup.device_dir is not None:
-                    keep_release(setup, config, labels, {}, context.run_id)
+                    keep_release(setup, config, labels, local_data(cfg, setup)[2], {}, context.run_id)
                 return 0.0, 0, {}
-            x, y = local_data(cfg, setup)
+            x, y, raw = local_data(cfg, setup)
             classifier = new_classifier(cfg, num_classes)
             set_arrays(classifier, parameters)
             pred, loss = evaluate(classifier, x, y)
@@ -187,24 +187,33 @@ def make_client(cfg: DictConfig, context):
             if dp is not None:
                 metrics["epsilon"] = ledger().epsilon(dp.delta)
             if RELEASE_ARTIFACT in config and setup.device_dir is not None:
-                keep_release(setup, config, labels, metrics, context.run_id)
+                keep_release(setup, config, labels, raw, metrics, context.run_id)
             return loss, len(x), metrics
 
     return EmotionClient().to_client()
 
 
-def keep_release(setup: DeviceSetup, config, labels: list[str], metrics: dict, run_id: int) -> None:
-    """Store the released artifact in this device's model store and write the device's own report (both local)."""
+def keep_release(setup: DeviceSetup, config, labels: list[str], features, metrics: dict, run_id: int) -> None:
+    """Keep the release in this device's model store, adapt it to the device, and write the device's report.
+
+    Two versions are stored: the artifact exactly as released, then the same model with its normaliser
+    refitted on this device's own features (``features``: raw, unlabelled), which is how the device used
+    the global classifier in training and the version ``clients.predict`` uses by default. All local.
+    """
     from clients.model_store import ModelStore
+    from clients.personalise import adapt_normaliser
 
     store = ModelStore(Path(setup.device_dir) / "model_store")
-    stored = store.add(bytes(config[RELEASE_ARTIFACT]), labels,
-                       {"round": int(config[RELEASE_ROUND]), "config_hash": str(config[RELEASE_CONFIG_HASH]),
-                        "run_id": int(run_id), "speaker": setup.speaker})
-    report = {"speaker": setup.speaker, "store": str(store.root), "version": stored.version,
-              "round": int(config[RELEASE_ROUND]), "global_model_on_own_data": metrics}
+    released = store.add(bytes(config[RELEASE_ARTIFACT]), labels,
+                         {"round": int(config[RELEASE_ROUND]), "config_hash": str(config[RELEASE_CONFIG_HASH]),
+                          "run_id": int(run_id), "speaker": setup.speaker})
+    adapted = adapt_normaliser(store, released.version, features)
+    report = {"speaker": setup.speaker, "store": str(store.root), "released_version": released.version,
+              "version": adapted.version, "round": int(config[RELEASE_ROUND]),
+              "global_model_on_own_data": metrics}
     (Path(setup.device_dir) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    log.info("device %s stored release round %s as model version %s", setup.speaker, report["round"], stored.version)
+    log.info("device %s stored release round %s as model version %s (adapted: %s)", setup.speaker,
+             report["round"], released.version, adapted.version)
 
 
 def privacy_mods(cfg: DictConfig) -> list:

@@ -216,11 +216,30 @@ def personalise(
         "settings": {"holdout": holdout, "epochs": epochs, "lr": lr, "seed": seed, "final_loss": final_loss},
         "unusable_files": loaded.skipped,
     }
+    return save_version(store, model, labels, meta)
+
+
+def save_version(store: ModelStore, model: torch.jit.ScriptModule, labels: Sequence[str], meta: dict) -> StoredModel:
+    """Store a (modified) scripted model as the next version."""
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # torch.jit's deprecation notice says nothing a device user can act on
         warnings.filterwarnings("ignore", message=".*torch.jit.*", category=FutureWarning)
         torch.jit.save(model, buffer)
     return store.add(buffer.getvalue(), labels, meta)
+
+
+def adapt_normaliser(store: ModelStore, version: int, features: torch.Tensor) -> StoredModel:
+    """Store ``version`` with its normaliser refitted on this device's (unlabelled) features as a new version.
+
+    This is how the device used the global classifier during federated training (its own feature
+    statistics), so it is the version a device should predict with; the release as received stays stored.
+    """
+    model, labels, source = store.load(version)
+    refit_normalizer(model.normalizer, features)
+    meta = {key: source[key] for key in INHERITED if key in source}
+    meta |= {"adapted_from": source["version"], "adaptation": "normaliser refitted on this device's recordings",
+             "adaptation_size": len(features)}
+    return save_version(store, model, labels, meta)
 
 
 def summary(stored: StoredModel) -> str:
