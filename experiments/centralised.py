@@ -27,8 +27,8 @@ from fl_ser.training import LocalTrainConfig, train_local
 from server.evaluation import HeldOutEvaluator
 
 
-def train_centralised(cfg: DictConfig) -> dict:
-    t0 = time.monotonic()
+def fit_centralised(cfg: DictConfig):
+    """The classifier trained on all training speakers' pooled data (each standardised with its own statistics)."""
     split = split_from_config(cfg, corpus_from_config(cfg))
     xs, ys = [], []
     for spk in split.train:
@@ -43,12 +43,19 @@ def train_centralised(cfg: DictConfig) -> dict:
                              lr=float(cfg.train.lr), momentum=float(cfg.train.momentum),
                              weight_decay=float(cfg.train.weight_decay))
     train_local(classifier, x, y, local)
+    return classifier, len(y)
+
+
+def train_centralised(cfg: DictConfig) -> dict:
+    t0 = time.monotonic()
+    split = split_from_config(cfg, corpus_from_config(cfg))
+    classifier, num_train = fit_centralised(cfg)
     evaluator = HeldOutEvaluator(cfg, split.test)
     loss, report = evaluator(get_arrays(classifier))
     summary = {"mode": "centralised", "uar": report["uar"], "accuracy": report["accuracy"],
                "macro_f1": report["macro_f1"], "uar_by_group": report.get("uar_by_group"), "loss": loss,
                "confusion": report["confusion"], "labels": list(cfg.labels), "num_train_speakers": len(split.train),
-               "test_speakers": list(split.test), "num_train_utterances": len(y),
+               "test_speakers": list(split.test), "num_train_utterances": num_train,
                "num_test_utterances": evaluator.num_utterances, "epsilon_sample_max": None, "epsilon_user": None,
                "wall_s": round(time.monotonic() - t0, 2)}
     run_dir = Path(cfg.run_dir)

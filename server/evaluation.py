@@ -37,6 +37,10 @@ class HeldOutEvaluator:
     def __call__(self, arrays: list[np.ndarray]) -> tuple[float, dict]:
         classifier = new_classifier(self.cfg, len(self.labels))
         set_arrays(classifier, arrays)
+        return self.score(classifier)
+
+    def score(self, classifier) -> tuple[float, dict]:
+        """Loss and report of any classifier module (e.g. a quantised one) on the held-out speakers."""
         pred, loss = evaluate(classifier, self.x, self.y)
         report = classification_report(self.y.numpy(), pred.numpy(), self.labels, groups=self.groups)
         return loss, report

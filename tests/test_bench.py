@@ -14,6 +14,9 @@ def test_on_device_benchmarks_run(tmp_path):
     assert set(local.feature_rtf(seconds=0.5)) == {"logmel", "mfcc", "functionals"}
     latency = local.release_latency(cfg)
     assert latency["float"]["mb"] > 0 and latency["int8"]["ms_3s"] > 0
+    int8 = local.int8_accuracy(make_config(tmp_path, "data.num_speakers=4", "partition.num_test_speakers=1",
+                                           "data.utterances_per_emotion=2", "rounds=2"))
+    assert 0 <= int8["uar_int8"] <= 1 and int8["uar_change"] == int8["uar_int8"] - int8["uar_float"]
 
 
 @pytest.mark.slow

@@ -74,3 +74,21 @@ def release_latency(cfg) -> dict:
                 t = median_seconds(lambda m=loaded: m(wave), repeats=51, warmup=5)
             result[name] = {"ms_3s": 1e3 * t, "mb": path.stat().st_size / 2**20}
     return result
+
+
+def int8_accuracy(cfg) -> dict:
+    """Held-out UAR of a trained classifier, float vs int8 dynamic quantisation of its Linear layers.
+
+    The classifier is the default model trained centrally without DP (experiments.centralised): the
+    quantisation error depends on the weights' scale, not on how they were learnt.
+    """
+    from experiments.centralised import fit_centralised
+    from fl_ser.task import corpus_from_config, split_from_config
+    from server.evaluation import HeldOutEvaluator
+
+    classifier, _ = fit_centralised(cfg)
+    evaluator = HeldOutEvaluator(cfg, split_from_config(cfg, corpus_from_config(cfg)).test)
+    quantised = torch.ao.quantization.quantize_dynamic(classifier, {torch.nn.Linear}, dtype=torch.qint8)
+    (_, full), (_, int8) = evaluator.score(classifier), evaluator.score(quantised)
+    return {"uar_float": full["uar"], "uar_int8": int8["uar"], "uar_change": int8["uar"] - full["uar"],
+            "test_utterances": evaluator.num_utterances}
