@@ -56,8 +56,8 @@ class DeviceSetup:
 
 def device_setup(cfg: DictConfig, node_config) -> DeviceSetup:
     """Read this node's config; a misconfigured node gets a message naming the key and the fix."""
-    extra = {key: str(node_config[key]) for key in ("device-dir", "cache-dir") if key in node_config}
-    paths = {"device_dir": extra.get("device-dir"), "cache_dir": extra.get("cache-dir")}
+    paths = {field: str(node_config[key]) if key in node_config else None
+             for key, field in (("device-dir", "device_dir"), ("cache-dir", "cache_dir"))}
     if "data-dir" in node_config:
         folder = Path(str(node_config["data-dir"])).expanduser()
         return DeviceSetup(str(node_config.get("speaker", folder.name)), str(folder), **paths)

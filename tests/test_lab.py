@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 from experiments.deployment import CONNECTION, flwr_cli, flwr_env
 from experiments.lab.pki import Lab, LabError, prepare_lab
 from experiments.lab.processes import Processes, flower_bin, free_port
-from experiments.lab.rehearsal import READY, Dropout, leaked_keys
+from experiments.lab.rehearsal import READY, Dropout, leaked_keys, start_superlink
 from tests.conftest import REPO
 
 SMALL = ["data.num_speakers=5", "partition.num_test_speakers=2", "rounds=2"]  # 3 devices, 2 held out
@@ -84,12 +84,7 @@ def test_superlink_refuses_plaintext_and_unenrolled_supernodes(tmp_path, lab):
                            env={**env, "FLWR_HOME": str(tmp_path / name)})
 
     try:
-        procs.start("superlink", [
-            flower_bin("flower-superlink"), "--ssl-ca-certfile", str(lab.ca_cert), "--ssl-certfile",
-            str(lab.server_cert), "--ssl-keyfile", str(lab.server_key), "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
-        ], tmp_path / "superlink.log")
-        procs.wait_for_log("superlink", READY["superlink"], timeout=60)
+        start_superlink(procs, lab, port, tmp_path / "superlink.log")
         flwr_cli(["supernode", "register", str(lab.enrolled_key(enrolled)), CONNECTION], env, "enrolling")
         ca = ["--root-certificates", str(lab.ca_cert)]
         supernode("enrolled", *ca, "--auth-supernode-private-key", str(lab.device_key(enrolled)))

@@ -69,6 +69,16 @@ def leaked_keys(lab: Lab, folder: Path) -> list[str]:
     return found
 
 
+def start_superlink(procs: Processes, lab: Lab, port: int, log: Path) -> None:
+    """The lab's SuperLink on loopback: its TLS certificate, only enrolled SuperNodes admitted; waits until ready."""
+    procs.start("superlink", [
+        flower_bin("flower-superlink"), "--ssl-ca-certfile", str(lab.ca_cert),
+        "--ssl-certfile", str(lab.server_cert), "--ssl-keyfile", str(lab.server_key), "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
+    ], log)
+    procs.wait_for_log("superlink", READY["superlink"], timeout=60)
+
+
 def rehearse(cfg: DictConfig, lab: Lab, num_devices: int, dropout: Dropout | None = None,
              stock: bool = False) -> dict:
     """Start the lab on loopback, run the resolved experiment on it, collect reports, stop everything.
@@ -88,12 +98,7 @@ def rehearse(cfg: DictConfig, lab: Lab, num_devices: int, dropout: Dropout | Non
                     "supernodes": "flower-supernode (stock)" if stock else "clients.supernode --warm"}
     t0 = time.monotonic()
     try:
-        procs.start("superlink", [
-            flower_bin("flower-superlink"), "--ssl-ca-certfile", str(lab.ca_cert),
-            "--ssl-certfile", str(lab.server_cert), "--ssl-keyfile", str(lab.server_key), "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
-        ], logs / "superlink.log")
-        procs.wait_for_log("superlink", READY["superlink"], timeout=60)
+        start_superlink(procs, lab, port, logs / "superlink.log")
         for i, device in enumerate(devices):
             reply = flwr_cli(["supernode", "register", str(lab.enrolled_key(device)), CONNECTION, "--name", device],
                              env, f"enrolling {device}")
@@ -114,7 +119,7 @@ def rehearse(cfg: DictConfig, lab: Lab, num_devices: int, dropout: Dropout | Non
         record["startup_s"] = round(time.monotonic() - t0, 2)
         print(f"fl-ser lab: SuperLink on 127.0.0.1:{port} (TLS, node auth) with {num_devices} enrolled SuperNodes, "
               f"up in {record['startup_s']:.1f} s; logs in {logs}", flush=True)
-        summary = run_deployment(cfg, on_poll=_watch(procs, run_dir, devices, dropout, record))
+        summary = run_deployment(cfg, on_poll=_watch(procs, run_dir, dropout, record))
     finally:
         procs.stop()
     node_to_device = {info["node_id"]: d for d, info in record["devices"].items()}
@@ -130,7 +135,7 @@ def rehearse(cfg: DictConfig, lab: Lab, num_devices: int, dropout: Dropout | Non
     return {**summary, "rehearsal": record}
 
 
-def _watch(procs: Processes, run_dir: Path, devices, dropout: Dropout | None, record: dict):
+def _watch(procs: Processes, run_dir: Path, dropout: Dropout | None, record: dict):
     """Called between polls: fail fast if a device died on its own; inject the requested dropout."""
     state = {"dropped": False}
 
