@@ -26,3 +26,14 @@ def make_config(tmp_path: Path, *overrides: str) -> DictConfig:
 
 
 needs_emodb = pytest.mark.skipif(not EMODB.exists(), reason=f"EmoDB not found at {EMODB}")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """On-device work is single-threaded; one utterance is too small to share, and threads contend on a busy box."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -31,13 +31,7 @@ TAKES = 6  # per emotion: 24 utterances, above validate's default minimum of 20
 META = {"round": 20, "config_hash": "abc123", "run_id": 7}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One utterance at a time is too small to share between threads; two threads only contend on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,7 @@ def white_noise(seconds: float = 2.0, batch: int = 1, amp: float = 0.1, seed: in
     return amp * torch.randn(batch, int(seconds * SR), generator=g)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """On-device extraction is single-threaded; it also keeps these small ops fast on a busy CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
