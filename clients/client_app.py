@@ -218,15 +218,15 @@ def keep_release(setup: DeviceSetup, config, labels: list[str], features, metric
 
 def privacy_mods(cfg: DictConfig) -> list:
     """The ClientApp mods in privacy order: boundary (outermost), SecAgg+, distributed noise, update clipping."""
-    from flwr.client.mod import fixedclipping_mod, secaggplus_mod
+    from flwr.client.mod import fixedclipping_mod
 
-    from clients.mods import distributed_noise_mod
+    from clients.mods import distributed_noise_mod, secure_aggregation_mod
     from fl_ser.privacy.boundary import make_boundary_mod
 
     secure = cfg.aggregation.name == "secagg_plus"
     mods = [make_boundary_mod(secure, cfg.privacy.get("audit_dir"))]
     if secure:
-        mods.append(secaggplus_mod)
+        mods.append(secure_aggregation_mod)
     if cfg.privacy.user_level.noise_multiplier > 0 and cfg.privacy.user_level.placement == "distributed":
         mods.append(distributed_noise_mod)
     if cfg.privacy.update_clipping.enabled:

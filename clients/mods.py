@@ -3,7 +3,8 @@
 Order on the way out (innermost first): local training -> ``fixedclipping_mod``
 (Flower's: clips the update to L2 norm C) -> :func:`distributed_noise_mod`
 (adds this device's share of the user-level Gaussian noise, when the server asks
-for it) -> ``secaggplus_mod`` (quantises and masks) -> the privacy boundary.
+for it) -> :func:`secure_aggregation_mod` (Flower's ``secaggplus_mod``: quantises
+and masks) -> the privacy boundary.
 """
 
 from __future__ import annotations
@@ -18,6 +19,17 @@ from flwr.compat.common import recorddict_compat as compat
 
 #: Fit-config key carrying the per-device noise std for distributed user-level DP.
 KEY_DEVICE_NOISE_STD = "fl-ser.device_noise_std"
+
+
+def secure_aggregation_mod(msg: Message, ctxt: Context, call_next) -> Message:
+    """Flower's ``secaggplus_mod``, with :mod:`fl_ser.privacy.secagg_crypto`'s secret sharing and key parsing
+    (the same protocol and messages, faster)."""
+    from flwr.client.mod import secaggplus_mod
+
+    from fl_ser.privacy.secagg_crypto import use_in_flower
+
+    use_in_flower()
+    return secaggplus_mod(msg, ctxt, call_next)
 
 
 def distributed_noise_mod(msg: Message, ctxt: Context, call_next) -> Message:

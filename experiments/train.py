@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import hydra
@@ -97,10 +96,8 @@ def check_privacy(cfg: DictConfig, corpus, split) -> None:
 
 def simulate(cfg: DictConfig) -> dict:
     """Run the ServerApp and one ClientApp per training speaker on Flower's simulation engine (Ray)."""
-    import ray
-    from flwr.simulation import run_simulation
-
     from clients.client_app import build_client_app
+    from experiments.simulation import run_simulation
     from fl_ser.task import corpus_from_config, split_from_config
     from server.server_app import build_server_app
 
@@ -113,14 +110,8 @@ def simulate(cfg: DictConfig) -> dict:
     else:
         init_args["num_cpus"] = int(fed.num_cpus or os.cpu_count() or 1)
     backend = {"client_resources": {"num_cpus": float(fed.client_cpus), "num_gpus": 0.0}, "init_args": init_args}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            run_simulation(server_app=build_server_app(cfg), client_app=build_client_app(cfg),
-                           num_supernodes=num_devices, backend_config=backend, verbose_logging=bool(cfg.verbose))
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
+    run_simulation(server_app=build_server_app(cfg), client_app=build_client_app(cfg), num_supernodes=num_devices,
+                   backend_config=backend, verbose=bool(cfg.verbose))
     return json.loads((Path(cfg.run_dir) / "summary.json").read_text())
 
 

@@ -28,8 +28,10 @@ class SecAggPlus(SecAggPlusWorkflow):
 
 def secagg_workflow(cfg: DictConfig, num_sampled: int):
     """SecAgg+ with num_shares growing logarithmically in the number of sampled devices (when 'auto')."""
+    from fl_ser.privacy.secagg_crypto import use_in_flower
     from server.server_app import reply_timeout
 
+    use_in_flower()  # the server recombines secrets with fl-ser's (compatible, faster) secret sharing
     agg = cfg.aggregation
     shares = agg.num_shares
     if shares == "auto":  # Bell et al. 2020: O(log n) neighbours suffice; keep it odd and within the cohort

@@ -49,7 +49,7 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
     from fl_ser.privacy.accountant import user_level_epsilon
     from fl_ser.task import corpus_from_config, get_arrays, new_classifier, split_from_config
     from server.evaluation import HeldOutEvaluator
-    from server.grid import PromptGrid
+    from server.grid import prompt_grid
     from server.records import RunRecorder
     from server.release import deploy_and_collect, release_model
     from server.secagg import secagg_workflow
@@ -91,8 +91,7 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds, round_timeout=reply_timeout(cfg)),
                            strategy=strategy)
     secure = cfg.aggregation.name == "secagg_plus"
-    if cfg.federation.get("poll_interval_s"):
-        grid = PromptGrid(grid, float(cfg.federation.poll_interval_s))
+    grid = prompt_grid(grid, cfg)
     DefaultWorkflow(fit_workflow=secagg_workflow(cfg, m) if secure else None)(grid, legacy)
 
     params = compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)

@@ -28,8 +28,7 @@ def clipped(update):
 def run_federation(secure: bool) -> list[np.ndarray]:
     from experiments.bench.federation import fixed_update_federation
 
-    updates = [device_update(p) for p in range(NUM_DEVICES)]
-    return fixed_update_federation(GLOBAL, updates, secure, rounds=1, clipping_norm=CLIP)[-1][1]
+    return fixed_update_federation(GLOBAL, device_update, NUM_DEVICES, secure, rounds=1, clipping_norm=CLIP)[-1][1]
 
 
 @pytest.mark.slow
