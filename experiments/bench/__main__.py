@@ -27,7 +27,8 @@ def table(bench: dict) -> str:
     rows = [("DP-SGD overhead (private / plain epoch, default model)", bench["dp_sgd_overhead"], "<= 2.0"),
             *[(f"SecAgg+ overhead, aggregation alone, {n} devices", v, "<= 1.5 at 100")
               for n, v in bench["secagg_overhead"].items()],
-            ("SecAgg+ overhead, whole round of the default experiment, 100 devices",
+            (f"SecAgg+ overhead, whole round of the default experiment, {bench['secagg_default_model_devices']} "
+             "devices",
              bench["secagg_overhead_default_model"], "<= 1.5"),
             ("SecAgg+ per-device work: power-law exponent in n",
              bench["secagg_per_device_growth"]["power_law_exponent"], "~log n"),

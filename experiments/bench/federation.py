@@ -152,6 +152,8 @@ def default_model_overhead(plain_cfg, secure_cfg) -> dict:
         run(cfg)
         times[name] = median_round_s(Path(cfg.run_dir))
     ratio = times["secagg_plus"] / times["plain"]
-    print(f"  default model, {plain_cfg.data.num_speakers - plain_cfg.partition.num_test_speakers} devices: "
-          f"plain {times['plain']:.2f} s, SecAgg+ {times['secagg_plus']:.2f} s per round, x{ratio:.2f}", flush=True)
-    return {"secagg_overhead_default_model": ratio, "secagg_default_model_round_s": times}
+    devices = plain_cfg.data.num_speakers - plain_cfg.partition.num_test_speakers
+    print(f"  default model, {devices} devices: plain {times['plain']:.2f} s, SecAgg+ {times['secagg_plus']:.2f} s "
+          f"per round, x{ratio:.2f}", flush=True)
+    return {"secagg_overhead_default_model": ratio, "secagg_default_model_round_s": times,
+            "secagg_default_model_devices": devices}
