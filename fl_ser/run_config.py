@@ -9,6 +9,7 @@ torch): every Deployment-Engine message starts a fresh ClientApp process.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 
@@ -26,6 +27,14 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(encode(cfg).encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=4)
+def decode(text: str) -> DictConfig:
+    """The experiment :func:`encode` wrote, parsed once per process and read-only (callers share it)."""
+    cfg = OmegaConf.create(json.loads(text))
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
 def experiment_from_run_config(run_config) -> DictConfig:
     """The experiment a Flower run carries, or a clear error when the run was not submitted by fl-ser."""
     text = run_config.get(RUN_CONFIG_KEY) if run_config else None
@@ -33,4 +42,4 @@ def experiment_from_run_config(run_config) -> DictConfig:
         raise ValueError(f"this Flower run carries no fl-ser experiment (run config key {RUN_CONFIG_KEY!r} is empty). "
                          "Submit it with `python -m experiments.train federation=deployment ...` or "
                          "`python -m experiments.lab rehearse --lab DIR`, not with a bare `flwr run`.")
-    return OmegaConf.create(json.loads(str(text)))
+    return decode(str(text))

@@ -37,6 +37,12 @@ class RunRecorder:
     def __init__(self, run_dir: str | Path, total_rounds: int, user_epsilon_after):
         self.dir = Path(run_dir)
         (self.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        earlier = [p for p in (self.dir / "metrics.jsonl", self.dir / "metrics.csv", self.dir / "summary.json",
+                               *(self.dir / "checkpoints").glob("round_*.npz")) if p.exists()]
+        if earlier:  # a run dir holds one run: never mix this run's rounds with an earlier run's
+            log.warning("run dir %s held an earlier run's results; replacing them (%d files)", self.dir, len(earlier))
+            for p in earlier:
+                p.unlink()
         self.total_rounds = total_rounds
         self.user_epsilon_after = user_epsilon_after  # rounds -> epsilon or None
         self.rounds: list[dict] = []

@@ -31,11 +31,12 @@ Lagrange weights are computed once per recombination instead of once per
 chunk; inversion is the binary-field extended Euclid (HAC 2.48).
 :func:`key_pair` makes the device's SecAgg+ keys on NIST P-256 instead of
 P-384 (an exchange costs 0.08 ms instead of 0.66 ms here). P-256 is what
-Bonawitz et al. (CCS 2017) used for SecAgg's key agreement, and it does not
-lower the protocol's security level: the shares are encrypted with Fernet
-(AES-128), and the masks are expanded from the agreed keys, so the protocol is
-at the 128-bit level either way. Every device in a federation runs fl-ser's
-ClientApp, so all agree on the curve. :func:`private_key` keeps the last parsed
+Bonawitz et al. (CCS 2017) used for SecAgg's key agreement, and its 128-bit
+level matches the layer above it: the key shares travel encrypted with Fernet
+(AES-128). (Flower's mask expansion is weaker than either: ``pseudo_rand_gen``
+folds each agreed key to a 32-bit seed for numpy's Mersenne Twister. fl-ser
+leaves that as Flower has it; see the README's privacy limits.) Every device in
+a federation runs fl-ser's ClientApp, so all agree on the curve. :func:`private_key` keeps the last parsed
 private keys (two: a device's two SecAgg+ keys), so a device parses each once
 per stage instead of once per neighbour; the key bytes are in the device's
 state anyway.
