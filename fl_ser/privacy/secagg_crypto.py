@@ -66,15 +66,21 @@ def _reduce(z: int) -> int:
     return z
 
 
-def _times_small(a: int, s: int) -> int:
-    """a * s in the field, for a small element s (a share index)."""
+def _carryless_times_small(a: int, s: int) -> int:
+    """a * s as polynomials over GF(2), unreduced, for a small s (a share index): one shift per bit of s.
+    ``a`` may hold several packed elements."""
     z = 0
     while s:
         if s & 1:
             z ^= a
         a <<= 1
         s >>= 1
-    return _reduce(z)
+    return z
+
+
+def _times_small(a: int, s: int) -> int:
+    """a * s in the field, for a small element s."""
+    return _reduce(_carryless_times_small(a, s))
 
 
 def _window_table(a: int) -> list[int]:
@@ -141,12 +147,7 @@ def create_shares(secret: bytes, threshold: int, num: int) -> list[bytes]:
     high = _pack([0xFFFF] * chunks)  # a slot's overflow, once shifted down by 128
 
     def times_index(y: int, i: int) -> int:  # every chunk's y * i in the field, at once
-        z = 0
-        while i:
-            if i & 1:
-                z ^= y
-            y <<= 1
-            i >>= 1
+        z = _carryless_times_small(y, i)
         over = (z >> _BITS) & high
         return (z & low) ^ over ^ (over << 1) ^ (over << 2) ^ (over << 7)
 
