@@ -34,6 +34,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from fl_ser.run_config import decode, encode, experiment_from_run_config
+
 log = logging.getLogger("fl_ser.device")
 
 LEDGER_RECORD = "fl-ser.privacy"
@@ -61,8 +63,6 @@ def device_setup(cfg: DictConfig, node_config) -> DeviceSetup:
     if "data-dir" in node_config:
         folder = Path(str(node_config["data-dir"])).expanduser()
         return DeviceSetup(str(node_config.get("speaker", folder.name)), str(folder), **paths)
-    from fl_ser.run_config import encode
-
     train = _training_speakers(encode(cfg))
     if "speaker" in node_config:
         speaker = str(node_config["speaker"])
@@ -84,7 +84,6 @@ def device_setup(cfg: DictConfig, node_config) -> DeviceSetup:
 def _training_speakers(cfg_json: str) -> tuple[str, ...]:
     """The experiment's training speakers, worked out once per process: the split walks the whole corpus
     (0.4 s for 10,000 speakers), and a simulation worker serves many devices."""
-    from fl_ser.run_config import decode
     from fl_ser.task import corpus_from_config, split_from_config
 
     cfg = decode(cfg_json)
@@ -98,7 +97,7 @@ def _local_data(cfg_json: str, setup: DeviceSetup):
     from fl_ser.data.loaders import DeviceFolder
     from fl_ser.task import fitted_normalizer, speaker_data
 
-    cfg = OmegaConf.create(json.loads(cfg_json))
+    cfg = decode(cfg_json)
     corpus = None if setup.data_dir is None else DeviceFolder(setup.data_dir, setup.speaker)
     data = speaker_data(cfg, setup.speaker, corpus=corpus, cache_dir=setup.cache_dir)
     with torch.no_grad():
@@ -107,7 +106,7 @@ def _local_data(cfg_json: str, setup: DeviceSetup):
 
 def local_data(cfg: DictConfig, setup: DeviceSetup):
     """This device's features standardised with its own statistics, its labels, and the raw features (cached)."""
-    return _local_data(json.dumps(OmegaConf.to_container(cfg), sort_keys=True), setup)
+    return _local_data(encode(cfg), setup)
 
 
 def dp_config(cfg: DictConfig):
@@ -253,8 +252,6 @@ def build_client_app(cfg: DictConfig | None = None):
     to nothing."""
     from flwr.client import ClientApp
     from flwr.client.mod.utils import make_ffn
-
-    from fl_ser.run_config import decode, encode, experiment_from_run_config
 
     text = None if cfg is None else encode(cfg)
 
