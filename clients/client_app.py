@@ -1,13 +1,25 @@
 """The Flower ClientApp: one device, one speaker's recordings, which never leave it.
 
 Per round the device loads its own features (extracted once with torchaudio and
-cached on its disk), standardises them with its own statistics, trains the
-global classifier with Opacus DP-SGD, and returns the new weights. The mods
-then clip the update, optionally add its share of user-level noise, and mask
-it for SecAgg+; the privacy boundary checks every reply. The device's privacy
-ledger lives in ``context.state`` so its epsilon composes across rounds, and it
-declines to train once the next round would exceed its budget. After the last
-round it receives the released model and keeps it in its versioned model store.
+cached on its disk), standardises them as ``privacy.normalization`` says
+(:mod:`fl_ser.privacy.normalization`), trains the global classifier with Opacus
+DP-SGD, records what that spent in its lifetime ledger on its own disk
+(:mod:`fl_ser.privacy.ledger`, written before the update leaves), and returns
+the new weights. It declines once the next round would take any of its
+utterances past its lifetime budget. Around that, in privacy order:
+
+1. the privacy boundary (:func:`fl_ser.privacy.boundary.guard`): every reply,
+   errors included, is checked against the list of what may leave; anything
+   that goes wrong becomes a fixed public code, the details stay in the
+   device's local log;
+2. the device's policy guard (:mod:`fl_ser.privacy.policy`): a request weaker
+   than the device's own policy is refused before anything is computed;
+3. SecAgg+ (:func:`fl_ser.flower_compat.secaggplus_mod`): quantises and masks;
+4. the update mod: clips the update and adds the device's user-level noise
+   share, with the settings the guard approved.
+
+After the last round it receives the released model and keeps it in its
+versioned model store.
 
 ``app`` is the module-level ClientApp the Deployment Engine loads: it reads the
 experiment from the run config (:mod:`fl_ser.run_config`); simulation builds the
@@ -20,13 +32,17 @@ What a SuperNode's ``--node-config`` may say (all optional except where noted):
   experiment's corpus (simulation, lab rehearsals); or ``speaker=ID``;
 * ``data-dir``: a participant's own folder of WAV files plus ``labels.csv``
   (real devices; check it first with ``python -m clients.validate``);
-* ``device-dir``: the device's own folder for its model store and reports;
+* ``device-dir`` (required on a SuperNode): the device's own folder, for its
+  privacy ledger (``privacy/``), its policy (``privacy_policy.yaml``), its local
+  log (``device.log``), its model store and reports;
+* ``policy-file``: the device's privacy policy, if not in ``device-dir``;
 * ``cache-dir``: where its feature cache lives (default: ``cache_dir``).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -34,16 +50,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from fl_ser.protocol import (
+    KEY_PROXIMAL_MU,
+    KEY_SERVER_ROUND,
+    RELEASE_ARTIFACT,
+    RELEASE_CONFIG_HASH,
+    RELEASE_REPORT,
+    RELEASE_ROUND,
+)
 from fl_ser.run_config import decode, encode, experiment_from_run_config
 
 log = logging.getLogger("fl_ser.device")
-
-LEDGER_RECORD = "fl-ser.privacy"
-# Evaluate-config keys of the release message (server/release.py sends them after the last round).
-RELEASE_ARTIFACT = "fl-ser.release.artifact"
-RELEASE_ROUND = "fl-ser.release.round"
-RELEASE_CONFIG_HASH = "fl-ser.release.config_hash"
-RELEASE_REPORT = "fl-ser.release.report"  # False: store the release, send no metrics back
 
 
 @dataclass(frozen=True)
@@ -51,24 +68,42 @@ class DeviceSetup:
     """What a node's config says about this device: whose recordings it holds and where it keeps things."""
 
     speaker: str
+    ledger_dir: str  # its privacy ledger's folder
+    ledger_name: str  # the ledger file's name in that folder
+    log_path: str  # its local log: the only place its detailed errors go
     data_dir: str | None = None  # a participant folder; None: a speaker of the experiment's corpus
     device_dir: str | None = None  # model store and reports; None: keep nothing (simulation)
     cache_dir: str | None = None  # feature cache; None: the experiment's cache_dir
 
 
-def device_setup(cfg: DictConfig, node_config) -> DeviceSetup:
+def device_setup(cfg: DictConfig, node_config, simulated: bool) -> DeviceSetup:
     """Read this node's config; a misconfigured node gets a message naming the key and the fix."""
-    paths = {field: str(node_config[key]) if key in node_config else None
-             for key, field in (("device-dir", "device_dir"), ("cache-dir", "cache_dir"))}
+    device_dir = str(Path(str(node_config["device-dir"])).expanduser()) if "device-dir" in node_config else None
+    cache_dir = str(node_config["cache-dir"]) if "cache-dir" in node_config else None
+    if device_dir is None and not simulated:
+        raise ValueError("this SuperNode's --node-config has no device-dir=FOLDER: a device keeps its privacy "
+                         "ledger, policy and local log there, and never trains without them")
     if "data-dir" in node_config:
         folder = Path(str(node_config["data-dir"])).expanduser()
-        return DeviceSetup(str(node_config.get("speaker", folder.name)), str(folder), **paths)
+        speaker, data_dir = str(node_config.get("speaker", folder.name)), str(folder)
+    else:
+        speaker, data_dir = _corpus_speaker(cfg, node_config), None
+    if device_dir is not None:  # a device's own folder: one ledger for whatever recordings it holds
+        ledger_dir, name, log_path = str(Path(device_dir) / "privacy"), "ledger", str(Path(device_dir) / "device.log")
+    else:  # simulation: one ledger per device in privacy.ledger_dir, named after the data it protects
+        source = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True) + f"|{data_dir}"
+        name = f"{speaker}-{hashlib.sha256(source.encode()).hexdigest()[:10]}"
+        ledger_dir, log_path = str(cfg.privacy.ledger_dir), str(Path(str(cfg.privacy.ledger_dir)) / f"{name}.log")
+    return DeviceSetup(speaker, ledger_dir, name, log_path, data_dir, device_dir, cache_dir)
+
+
+def _corpus_speaker(cfg: DictConfig, node_config) -> str:
     train = _training_speakers(encode(cfg))
     if "speaker" in node_config:
         speaker = str(node_config["speaker"])
         if speaker not in train:
             raise ValueError(f"node config speaker={speaker!r} is not a training speaker of this experiment")
-        return DeviceSetup(speaker, **paths)
+        return speaker
     if "partition-id" not in node_config:
         raise ValueError("this SuperNode's --node-config names no data: give it data-dir=FOLDER (a participant's "
                          "recordings), or partition-id=I num-partitions=N (a speaker of the experiment's corpus)")
@@ -77,7 +112,7 @@ def device_setup(cfg: DictConfig, node_config) -> DeviceSetup:
         raise ValueError(f"node config partition-id={pid} num-partitions={num}, but the experiment has "
                          f"{len(train)} training speakers (one device each): the nodes and the server run "
                          "different data configs")
-    return DeviceSetup(train[pid], **paths)
+    return train[pid]
 
 
 @functools.lru_cache(maxsize=2)
@@ -90,23 +125,45 @@ def _training_speakers(cfg_json: str) -> tuple[str, ...]:
     return tuple(split_from_config(cfg, corpus_from_config(cfg)).train)
 
 
+def experiment_cohort(cfg: DictConfig, setup: DeviceSetup) -> int | None:
+    """How many devices the experiment puts in each round (None where the device cannot know it)."""
+    if cfg.clients_per_round is not None:
+        return int(cfg.clients_per_round)
+    if cfg.federation.get("num_devices") is not None:
+        return int(cfg.federation.num_devices)
+    return len(_training_speakers(encode(cfg))) if setup.data_dir is None else None
+
+
+def policy_of(cfg: DictConfig, setup: DeviceSetup, node_config):
+    from fl_ser.privacy.policy import device_policy
+
+    return device_policy(cfg, node_config, setup.device_dir, experiment_cohort(cfg, setup))
+
+
 @functools.lru_cache(maxsize=8)
 def _local_data(cfg_json: str, setup: DeviceSetup):
-    import torch
-
     from fl_ser.data.loaders import DeviceFolder
-    from fl_ser.task import fitted_normalizer, speaker_data
+    from fl_ser.task import speaker_data
 
     cfg = decode(cfg_json)
     corpus = None if setup.data_dir is None else DeviceFolder(setup.data_dir, setup.speaker)
-    data = speaker_data(cfg, setup.speaker, corpus=corpus, cache_dir=setup.cache_dir)
-    with torch.no_grad():
-        return fitted_normalizer(cfg, data.x)(data.x), data.y, data.x
+    return speaker_data(cfg, setup.speaker, corpus=corpus, cache_dir=setup.cache_dir)
 
 
 def local_data(cfg: DictConfig, setup: DeviceSetup):
-    """This device's features standardised with its own statistics, its labels, and the raw features (cached)."""
+    """This device's raw features, labels and utterance ids (extracted once, then from its cache)."""
     return _local_data(encode(cfg), setup)
+
+
+@functools.lru_cache(maxsize=4)
+def _normalization(cfg_json: str):
+    from fl_ser.privacy.normalization import from_config
+
+    return from_config(decode(cfg_json))
+
+
+def normalization(cfg: DictConfig):
+    return _normalization(encode(cfg))
 
 
 def dp_config(cfg: DictConfig):
@@ -118,7 +175,8 @@ def dp_config(cfg: DictConfig):
         return None
     return DPSGDConfig(noise_multiplier=float(dp.noise_multiplier), max_grad_norm=float(dp.max_grad_norm),
                        delta=float(dp.delta), epsilon_budget=float(dp.epsilon_budget), accountant=str(dp.accountant),
-                       grad_sample_mode=str(dp.grad_sample_mode), poisson_sampling=bool(dp.poisson_sampling))
+                       grad_sample_mode=str(dp.grad_sample_mode), poisson_sampling=bool(dp.poisson_sampling),
+                       vetted_noise=bool(dp.vetted_noise))
 
 
 def check_secagg_range(arrays, weight: float, max_weight: float, clipping_range: float) -> None:
@@ -131,52 +189,91 @@ def check_secagg_range(arrays, weight: float, max_weight: float, clipping_range:
             f"(and aggregation.max_weight if the weight exceeds it), or clip updates with privacy=full.")
 
 
-def make_client(cfg: DictConfig, context):
+def private_round(book, data, norm, dp, budget: float, tcfg, classifier, run: str, round_: int) -> dict:
+    """One DP-SGD round under the ledger ``book`` (its lock held): check the lifetime budget, release the
+    normaliser if this data has none yet, train, and record the spend before returning. Returns the metrics
+    (``declined`` 1: nothing was spent and the classifier is untouched)."""
+    import torch
+
+    from fl_ser.privacy.normalization import Statistics
+    from fl_ser.training import planned_entries, train_local
+
+    ids = data.ids
+    stats = book.released_statistics(norm.key, ids) if norm.spends_privacy else None
+    pending = [norm.mechanism()] if norm.spends_privacy and stats is None else []
+    planned = planned_entries(len(data.x), tcfg, dp)
+    before, after = (book.epsilon(ids, dp.delta, dp.accountant, planned=p) for p in ([], [*pending, *planned]))
+    if after > budget:
+        log.warning("declining round %s: its lifetime epsilon would rise from %.3f to %.3f, over its budget %.3f "
+                    "(this run so far %.3f)", round_, before, after, budget,
+                    book.epsilon(ids, dp.delta, dp.accountant, run=run))
+        return {"declined": 1, **epsilons(book, ids, dp, run)}
+    if pending:
+        released = norm.release(data.x)
+        stats = released.to_json()
+        book.record("normalization", pending, ids, run, round_, statistics=(norm.key, stats))
+    with torch.no_grad():
+        x = norm.module(data.x, Statistics.from_json(stats) if stats is not None else None)(data.x)
+    result = train_local(classifier, x, data.y, tcfg, dp=dp)
+    book.record("training", result["spent"], ids, run, round_)  # write-ahead: durable before the update leaves
+    metrics = {"declined": 0, **epsilons(book, ids, dp, run)}
+    log.info("round %s: lifetime epsilon %.3f (this run %.3f; normalisation %.3f, training %.3f) at delta %g",
+             round_, metrics["epsilon"], metrics["epsilon_run"], metrics["epsilon_normalization"],
+             metrics["epsilon_training"], dp.delta)
+    return metrics
+
+
+def epsilons(book, ids, dp, run: str) -> dict[str, float]:
+    """The device's epsilons at its delta: lifetime total, this run's, and the normalisation and training parts."""
+    eps = functools.partial(book.epsilon, ids, dp.delta, dp.accountant)
+    return {"epsilon": eps(), "epsilon_run": eps(run=run), "epsilon_normalization": eps(kinds=("normalization",)),
+            "epsilon_training": eps(kinds=("training",))}
+
+
+def make_client(cfg: DictConfig, context, simulated: bool = True):
     """Build the NumPyClient for this node (torch and the task are imported here, lazily)."""
-    from flwr.app import ConfigRecord
     from flwr.client import NumPyClient
 
     from fl_ser.metrics import classification_report
-    from fl_ser.privacy.accountant import PrivacyLedger, check_delta
+    from fl_ser.privacy.accountant import check_delta
+    from fl_ser.privacy.ledger import LifetimeLedger
     from fl_ser.task import get_arrays, new_classifier, set_arrays
-    from fl_ser.training import LocalTrainConfig, evaluate, planned_epsilon, train_local
+    from fl_ser.training import LocalTrainConfig, evaluate, train_local
 
-    setup = device_setup(cfg, context.node_config)
-    speaker = setup.speaker
+    setup = device_setup(cfg, context.node_config, simulated)
+    policy = policy_of(cfg, setup, context.node_config)
     labels = list(cfg.labels)
     num_classes = len(labels)
     dp = dp_config(cfg)
+    norm = normalization(cfg)
     uniform = bool(cfg.privacy.update_clipping.enabled)
     secure = cfg.aggregation.name == "secagg_plus"
     train_cfg = LocalTrainConfig(**OmegaConf.to_container(cfg.train))
-
-    def ledger() -> PrivacyLedger:
-        rec = context.state.config_records.get(LEDGER_RECORD)
-        mech = str(cfg.privacy.dp_sgd.accountant)
-        return PrivacyLedger.from_json(str(rec["ledger"])) if rec else PrivacyLedger(mech)
+    ledger = LifetimeLedger(setup.ledger_dir, setup.ledger_name)
+    run = str(context.run_id)
 
     class EmotionClient(NumPyClient):
         def fit(self, parameters, config):
-            x, y, _ = local_data(cfg, setup)
+            data = local_data(cfg, setup)
             classifier = new_classifier(cfg, num_classes)
             set_arrays(classifier, parameters)
-            weight = 1 if uniform else len(x)
-            tcfg = replace(train_cfg, proximal_mu=float(config.get("proximal_mu", 0.0)))
-            metrics = {"declined": 0}
+            weight = 1 if uniform else len(data.x)
+            tcfg = replace(train_cfg, proximal_mu=float(config.get(KEY_PROXIMAL_MU, 0.0)))
             if dp is None:
-                train_local(classifier, x, y, tcfg)
+                import torch
+
+                with torch.no_grad():
+                    x = norm.module(data.x)(data.x)
+                train_local(classifier, x, data.y, tcfg)
+                metrics = {"declined": 0}
             else:
-                book = ledger()
-                check_delta(dp.delta, len(x), f"device {speaker}")
-                after = planned_epsilon(book, len(x), tcfg, dp)
-                if after > dp.epsilon_budget:
-                    log.warning("device %s declines round %s: training would raise its epsilon from %.2f to %.2f, "
-                                "over its budget %.2f (privacy.dp_sgd.epsilon_budget)", speaker,
-                                config.get("server_round"), book.epsilon(dp.delta), after, dp.epsilon_budget)
-                    return parameters, weight, {"declined": 1, "epsilon": book.epsilon(dp.delta)}
-                train_local(classifier, x, y, tcfg, dp=dp, ledger=book)
-                context.state.config_records[LEDGER_RECORD] = ConfigRecord({"ledger": book.to_json()})
-                metrics["epsilon"] = book.epsilon(dp.delta)
+                check_delta(dp.delta, len(data.x), "this device")
+                budget = min(dp.epsilon_budget, policy.epsilon_budget or dp.epsilon_budget)
+                with ledger.open() as book:
+                    metrics = private_round(book, data, norm, dp, budget, tcfg, classifier, run,
+                                            int(config.get(KEY_SERVER_ROUND, 0)))
+                if metrics["declined"]:
+                    return parameters, weight, metrics
             arrays = get_arrays(classifier)
             if secure:
                 check_secagg_range(arrays, weight, float(cfg.aggregation.max_weight) if not uniform else 1.0,
@@ -184,31 +281,51 @@ def make_client(cfg: DictConfig, context):
             return arrays, weight, metrics
 
         def evaluate(self, parameters, config):
-            if RELEASE_ARTIFACT in config and not config.get(RELEASE_REPORT, True):
-                if setup.device_dir is not None:
-                    keep_release(setup, config, labels, local_data(cfg, setup)[2], {}, context.run_id)
+            data = local_data(cfg, setup)
+            released = RELEASE_ARTIFACT in config
+            report = bool(config.get(RELEASE_REPORT, True)) and policy.device_report
+            if released and setup.device_dir is not None:
+                keep_release(setup, config, labels, data.x, norm, context.run_id)
+            if released and not report:
+                if config.get(RELEASE_REPORT, True):
+                    log.info("the server asked for this device's accuracy with the release; its policy does not "
+                             "allow sending it (device_report: false)")
                 return 0.0, 0, {}
-            x, y, raw = local_data(cfg, setup)
+            import torch
+
             classifier = new_classifier(cfg, num_classes)
             set_arrays(classifier, parameters)
-            pred, loss = evaluate(classifier, x, y)
-            rep = classification_report(y.numpy(), pred.numpy(), labels)
-            metrics = {"uar": rep["uar"], "accuracy": rep["accuracy"], "num_utterances": len(x)}
+            with torch.no_grad():
+                x = device_normalizer(norm, data.x)(data.x)
+            pred, loss = evaluate(classifier, x, data.y)
+            rep = classification_report(data.y.numpy(), pred.numpy(), labels)
+            metrics = {"uar": rep["uar"], "accuracy": rep["accuracy"], "num_utterances": len(data.x)}
             if dp is not None:
-                metrics["epsilon"] = ledger().epsilon(dp.delta)
-            if RELEASE_ARTIFACT in config and setup.device_dir is not None:
-                keep_release(setup, config, labels, raw, metrics, context.run_id)
-            return loss, len(x), metrics
+                with ledger.open() as book:
+                    metrics["epsilon"] = book.epsilon(data.ids, dp.delta, dp.accountant)
+            if released and setup.device_dir is not None:
+                update_report(setup, metrics)
+            return loss, len(data.x), metrics
 
     return EmotionClient().to_client()
 
 
-def keep_release(setup: DeviceSetup, config, labels: list[str], features, metrics: dict, run_id: int) -> None:
-    """Keep the release in this device's model store, adapt it to the device, and write the device's report.
+def device_normalizer(norm, x):
+    """How the device standardises its own recordings for inference: with a speaker-level mode, its own exact
+    statistics (nothing leaves the device, so no noise is needed); otherwise exactly as in training."""
+    from fl_ser.features.normalize import FeatureNormalizer
 
-    Two versions are stored: the artifact exactly as released, then the same model with its normaliser
-    refitted on this device's own features (``features``: raw, unlabelled), which is how the device used
-    the global classifier in training and the version ``clients.predict`` uses by default. All local.
+    if norm.mode in ("dp", "local"):
+        return FeatureNormalizer(norm.shape, norm.kind).fit(x)
+    return norm.module(x)
+
+
+def keep_release(setup: DeviceSetup, config, labels: list[str], features, norm, run_id: int) -> None:
+    """Keep the release in this device's model store and, for speaker-level normalisation, adapt it to the device.
+
+    The artifact is stored exactly as released. With ``privacy.normalization.mode`` dp or local the device
+    trained on its own statistics, so a second version has its normaliser refitted on this device's raw,
+    unlabelled ``features``: the version ``clients.predict`` uses by default. All local.
     """
     from clients.model_store import ModelStore
     from clients.personalise import adapt_normaliser
@@ -217,30 +334,32 @@ def keep_release(setup: DeviceSetup, config, labels: list[str], features, metric
     released = store.add(bytes(config[RELEASE_ARTIFACT]), labels,
                          {"round": int(config[RELEASE_ROUND]), "config_hash": str(config[RELEASE_CONFIG_HASH]),
                           "run_id": int(run_id), "speaker": setup.speaker})
-    adapted = adapt_normaliser(store, released.version, features)
+    adapted = adapt_normaliser(store, released.version, features) if norm.mode in ("dp", "local") else released
     report = {"speaker": setup.speaker, "store": str(store.root), "released_version": released.version,
-              "version": adapted.version, "round": int(config[RELEASE_ROUND]),
-              "global_model_on_own_data": metrics}
+              "version": adapted.version, "round": int(config[RELEASE_ROUND]), "global_model_on_own_data": {}}
     (Path(setup.device_dir) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    log.info("device %s stored release round %s as model version %s (adapted: %s)", setup.speaker,
-             report["round"], released.version, adapted.version)
+    log.info("stored release round %s as model version %s (for use: %s)", report["round"], released.version,
+             adapted.version)
 
 
-def privacy_mods(cfg: DictConfig) -> list:
-    """The ClientApp mods in privacy order: boundary (outermost), SecAgg+, distributed noise, update clipping."""
-    from flwr.client.mod import fixedclipping_mod
+def update_report(setup: DeviceSetup, metrics: dict) -> None:
+    path = Path(setup.device_dir) / "report.json"
+    report = json.loads(path.read_text())
+    report["global_model_on_own_data"] = metrics
+    path.write_text(json.dumps(report, indent=2) + "\n")
 
-    from clients.mods import distributed_noise_mod, secure_aggregation_mod
-    from fl_ser.privacy.boundary import make_boundary_mod
 
-    secure = cfg.aggregation.name == "secagg_plus"
-    mods = [make_boundary_mod(secure, cfg.privacy.get("audit_dir"))]
-    if secure:
-        mods.append(secure_aggregation_mod)
-    if cfg.privacy.user_level.noise_multiplier > 0 and cfg.privacy.user_level.placement == "distributed":
-        mods.append(distributed_noise_mod)
-    if cfg.privacy.update_clipping.enabled:
-        mods.append(fixedclipping_mod)
+def privacy_mods(cfg: DictConfig, setup: DeviceSetup) -> list:
+    """The mods inside the boundary, in privacy order: policy guard, SecAgg+, update clipping and noise share."""
+    from fl_ser.privacy.policy import make_policy_mods
+
+    guard_mod, update_mod = make_policy_mods(lambda ctxt: (policy_of(cfg, setup, ctxt.node_config), cfg))
+    mods = [guard_mod]
+    if cfg.aggregation.name == "secagg_plus":
+        from fl_ser.flower_compat import secaggplus_mod
+
+        mods.append(secaggplus_mod)
+    mods.append(update_mod)
     return mods
 
 
@@ -249,19 +368,40 @@ def build_client_app(cfg: DictConfig | None = None):
 
     The app holds ``cfg`` as JSON, parsed once per worker process: the simulation engine ships the ClientApp
     with every message, and a DictConfig costs ~1.7 ms a message to pickle and unpickle, a JSON string next
-    to nothing."""
+    to nothing. Its one mod is the device itself: the privacy boundary around everything else."""
     from flwr.client import ClientApp
     from flwr.client.mod.utils import make_ffn
 
+    from fl_ser.privacy.boundary import guard, local_log
+
     text = None if cfg is None else encode(cfg)
+    simulated = cfg is not None
 
-    def experiment(context) -> DictConfig:
-        return decode(text) if text is not None else experiment_from_run_config(context.run_config)
+    def resolve(context) -> tuple[DictConfig, DeviceSetup]:
+        exp = decode(text) if text is not None else experiment_from_run_config(context.run_config)
+        return exp, device_setup(exp, context.node_config, simulated)
 
-    def configured_mods(msg, context, call_next):
-        return make_ffn(call_next, privacy_mods(experiment(context)))(msg, context)
+    def device_mod(msg, context, call_next):
+        try:
+            log_path = Path(resolve(context)[1].log_path)
+        except Exception:  # reported from inside the boundary below, as a public code
+            log_path = None
 
-    return ClientApp(client_fn=lambda context: make_client(experiment(context), context), mods=[configured_mods])
+        def handle():
+            exp, setup = resolve(context)
+            return make_ffn(call_next, privacy_mods(exp, setup))(msg, context)
+
+        def setting(read):
+            return lambda: read(resolve(context)[0])
+
+        with local_log(log_path):
+            return guard(msg, context, handle,
+                         secure_aggregation=setting(lambda c: c.aggregation.name == "secagg_plus"),
+                         uniform_weight=setting(lambda c: bool(c.privacy.update_clipping.enabled)),
+                         audit_dir=setting(lambda c: c.privacy.get("audit_dir")))
+
+    return ClientApp(client_fn=lambda context: make_client(resolve(context)[0], context, simulated),
+                     mods=[device_mod])
 
 
 app = build_client_app()

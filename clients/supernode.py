@@ -4,7 +4,8 @@ Flower 1.42's SuperNode sleeps 3 s whenever the SuperLink has no message for it,
 and its SuperExec looks for new work every 1 s. A SecAgg+ round is four
 exchanges, so those waits alone cost a 3-device round over 10 s on loopback.
 This launcher runs the unmodified ``flower-supernode`` with both waits capped at
-``FL_SER_POLL_INTERVAL_S`` seconds (default 0.2). Each idle poll is one small
+``FL_SER_POLL_INTERVAL_S`` seconds (default 0.2; the SuperNode's through
+:func:`fl_ser.flower_compat.install_capped_sleep`). Each idle poll is one small
 HTTPS request to the SuperLink: keep the default Flower SuperNode (3 s) for
 large fleets, use this where round latency matters (lab rehearsals, small labs).
 
@@ -18,22 +19,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 DEFAULT_POLL_INTERVAL_S = 0.2
-
-
-class _CappedSleep:
-    """The ``time`` module, except that ``sleep`` never waits longer than ``cap`` seconds."""
-
-    def __init__(self, cap: float):
-        self.cap = cap
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap))
-
-    def __getattr__(self, name: str):
-        return getattr(time, name)
 
 
 def main() -> None:
@@ -41,10 +28,11 @@ def main() -> None:
     if not 0 < interval <= 3:
         raise SystemExit(f"FL_SER_POLL_INTERVAL_S={interval}: use a number of seconds in (0, 3]")
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(interval))  # Flower's own setting
-    import flwr.supernode.start_client_internal as node_loop
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    node_loop.time = _CappedSleep(interval)  # the pull / push waits of the SuperNode's main loop
+    from fl_ser.flower_compat import install_capped_sleep
+
+    install_capped_sleep(interval)  # the pull / push waits of the SuperNode's main loop
     if "--warm" in sys.argv:
         sys.argv.remove("--warm")
         start_warm_executor()
@@ -53,9 +41,9 @@ def main() -> None:
 
 def start_warm_executor() -> subprocess.Popen:
     """Run the SuperNode with process isolation and a warm SuperExec on its (loopback) runtime API."""
-    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+    from fl_ser.flower_compat import supernode_args
 
-    args, _ = _parse_args_run_supernode().parse_known_args(sys.argv[1:])
+    args = supernode_args(sys.argv[1:])
     if "--isolation" in sys.argv and args.isolation != "process":
         raise SystemExit("--warm runs the ClientApps itself: drop --isolation, or use --isolation process")
     if "--isolation" not in sys.argv:

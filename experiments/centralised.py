@@ -15,26 +15,20 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from fl_ser.task import (
-    corpus_from_config,
-    fitted_normalizer,
-    get_arrays,
-    new_classifier,
-    speaker_data,
-    split_from_config,
-)
+from fl_ser.privacy import normalization
+from fl_ser.task import corpus_from_config, get_arrays, new_classifier, speaker_data, split_from_config
 from fl_ser.training import LocalTrainConfig, train_local
 from server.evaluation import HeldOutEvaluator
 
 
 def fit_centralised(cfg: DictConfig):
-    """The classifier trained on all training speakers' pooled data (each standardised with its own statistics)."""
+    """The classifier trained on all training speakers' pooled data (each standardised as its device would)."""
     split = split_from_config(cfg, corpus_from_config(cfg))
+    norm = normalization.from_config(cfg)
     xs, ys = [], []
     for spk in split.train:
         data = speaker_data(cfg, spk)
-        with torch.no_grad():
-            xs.append(fitted_normalizer(cfg, data.x)(data.x))
+        xs.append(norm.standardise(data.x))
         ys.append(data.y)
     x, y = torch.cat(xs), torch.cat(ys)
     torch.manual_seed(int(cfg.seed))

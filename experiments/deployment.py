@@ -8,8 +8,9 @@ resolves and checks the config exactly as for simulation, then:
    connection, ``fl-ser``, points at the SuperLink over TLS;
 2. submits this repository as the Flower App with ``flwr run``, the resolved
    config travelling in the run config (:mod:`fl_ser.run_config`);
-3. follows the run through the SuperLink's Control API, printing each round as
-   the ServerApp records it, until it finishes, fails or times out (then it is
+3. follows the run through the SuperLink's Control API
+   (:class:`fl_ser.flower_compat.RunFollower`), printing each round as the
+   ServerApp records it, until it finishes, fails or times out (then it is
    stopped), and returns the ServerApp's ``summary.json``.
 
 The ServerApp runs on the SuperLink's machine and writes the run dir there; for
@@ -81,42 +82,14 @@ def submit(cfg: DictConfig, env: dict[str, str]) -> int:
     return int(reply["run-id"])
 
 
-class RunFollower:
-    """Follow one run through the SuperLink's Control API (in-process: no CLI start-up per poll)."""
-
-    def __init__(self, env: dict[str, str]):
-        from flwr.cli.flower_config import read_superlink_connection
-        from flwr.cli.utils import init_http_client_from_connection
-
-        previous = os.environ.get("FLWR_HOME")
-        os.environ["FLWR_HOME"] = env["FLWR_HOME"]
-        try:
-            self.client = init_http_client_from_connection(read_superlink_connection(CONNECTION))
-        finally:
-            if previous is None:
-                os.environ.pop("FLWR_HOME", None)
-            else:
-                os.environ["FLWR_HOME"] = previous
-
-    def status(self, run_id: int) -> tuple[str, str, str]:
-        """(status, sub-status, details) of the run."""
-        from flwr.common.serde import run_from_proto
-        from flwr.proto.control_pb2 import ListRunsRequest
-
-        res = self.client.ListRuns(ListRunsRequest(run_id=run_id))
-        run = run_from_proto(next(iter(res.run_dict.values())))
-        return run.status.status, run.status.sub_status, run.status.details
-
-    def close(self) -> None:
-        self.client.close()
-
-
 def follow(cfg: DictConfig, run_id: int, env: dict[str, str], on_poll=None) -> dict:
     """Wait for the run to finish, printing rounds as they land in the run dir; stop it on timeout."""
+    from fl_ser.flower_compat import RunFollower
+
     run_dir = Path(cfg.run_dir)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll otherwise
     deadline = time.monotonic() + float(cfg.federation.run_timeout_s)
-    follower = RunFollower(env)
+    follower = RunFollower(env["FLWR_HOME"], CONNECTION)
     shown = 0
     try:
         while True:

@@ -59,9 +59,11 @@ def prepare(cfg: DictConfig) -> DictConfig:
 
 
 def check_privacy(cfg: DictConfig, corpus, split) -> None:
-    """Catch impossible budgets before launching: every device must be able to train at least one round."""
-    from fl_ser.privacy.accountant import PrivacyBudgetError, PrivacyLedger, check_delta
-    from fl_ser.training import LocalTrainConfig, planned_epsilon, sample_rate, steps_per_round
+    """Catch impossible budgets and unsound settings before launching: every device must be able to train at
+    least one round, normaliser release included, and the normalisation must keep the stated guarantee."""
+    from fl_ser.privacy import normalization
+    from fl_ser.privacy.accountant import PrivacyBudgetError, check_delta, epsilon
+    from fl_ser.training import LocalTrainConfig, planned_entries
     from server.server_app import clients_per_round
 
     priv = cfg.privacy
@@ -69,6 +71,7 @@ def check_privacy(cfg: DictConfig, corpus, split) -> None:
     if priv.user_level.noise_multiplier > 0 and not priv.update_clipping.enabled:
         raise PrivacyBudgetError("user-level noise needs clipped updates (their sensitivity); set "
                                  "privacy.update_clipping.enabled=true or privacy.user_level.noise_multiplier=0")
+    norm = normalization.from_config(cfg)  # checks the mode; computes (and caches) the public reference once
     if not priv.dp_sgd.enabled:
         return
     from clients.client_app import dp_config
@@ -78,17 +81,17 @@ def check_privacy(cfg: DictConfig, corpus, split) -> None:
     smallest = min(split.train, key=lambda s: len(corpus.utterances_of(s)))
     n = len(corpus.utterances_of(smallest))
     check_delta(dp.delta, n, f"device {smallest} ({n} utterances)")
-    ledger = PrivacyLedger(dp.accountant)
-    first = planned_epsilon(ledger, n, train, dp)
+    release = [norm.mechanism()] if norm.spends_privacy else []
+    first = epsilon([*release, *planned_entries(n, train, dp)], dp.delta, dp.accountant)
     if first > dp.epsilon_budget:
         raise PrivacyBudgetError(
-            f"impossible privacy budget: one round of DP-SGD on device {smallest} ({n} utterances, "
-            f"{train.epochs} epochs, batch {train.batch_size or 'all'}, noise_multiplier {dp.noise_multiplier}) "
-            f"already spends epsilon {first:.2f} > privacy.dp_sgd.epsilon_budget={dp.epsilon_budget}. Raise the "
-            f"budget or the noise multiplier, or lower train.epochs / train.batch_size.")
+            f"impossible privacy budget: the normaliser release and one round of DP-SGD on device {smallest} ({n} "
+            f"utterances, {train.epochs} epochs, batch {train.batch_size or 'all'}, noise_multiplier "
+            f"{dp.noise_multiplier}) already spend epsilon {first:.2f} > privacy.dp_sgd.epsilon_budget="
+            f"{dp.epsilon_budget}. Raise the budget or the noise multipliers, or lower train.epochs / "
+            "train.batch_size.")
     expected = round(cfg.rounds * m / len(split.train))
-    total = ledger.epsilon_after(dp.noise_multiplier, sample_rate(n, train),
-                                 expected * steps_per_round(n, train), dp.delta)
+    total = epsilon([*release, *planned_entries(n, train, dp) * expected], dp.delta, dp.accountant)
     if total > dp.epsilon_budget:
         log.warning("device %s would reach epsilon %.2f over %d rounds (> budget %.2f): devices will decline to "
                     "train once their budget is spent", smallest, total, expected, dp.epsilon_budget)
@@ -116,13 +119,14 @@ def simulate(cfg: DictConfig) -> dict:
 
 
 def quiet_console() -> None:
-    """Keep Flower's INFO chatter out of the console (it still goes to the run dir's log file)."""
+    """Keep libraries' INFO chatter out of the console (it still goes to the run dir's log file)."""
     import flwr.common.logger  # noqa: F401  (creates Flower's console handler, which we filter)
 
     def keep(record: logging.LogRecord) -> bool:
-        if not record.name.startswith("flwr"):
+        if record.name.startswith("fl_ser"):
             return True
-        # run_simulation is deprecated in favour of `flwr run`; it is still the in-process path (DEVELOPERS.md)
+        # run_simulation is deprecated in favour of `flwr run`; it is still the in-process path (DEVELOPERS.md).
+        # Libraries' INFO chatter (Flower's, and alembic's when Flower's state store loads) stays in the log file.
         return record.levelno >= logging.WARNING and "run_simulation" not in record.getMessage()
 
     for logger in (logging.getLogger(), logging.getLogger("flwr")):

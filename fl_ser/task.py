@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +26,11 @@ from fl_ser.data.corpus import Corpus, LoadReport
 from fl_ser.data.partition import SpeakerSplit, holdout_split, kfold_splits
 from fl_ser.models.classifiers import build_classifier
 from fl_ser.models.pipeline import EmotionPipeline
+from fl_ser.privacy.ledger import utterance_id
 
 log = logging.getLogger(__name__)
+#: Part of every feature cache key: bump it when what a cache file holds changes (v2: utterance ids).
+CACHE_VERSION = 2
 
 
 def _key(*parts) -> str:
@@ -70,13 +74,20 @@ class SpeakerData:
     x: torch.Tensor  # (N, *feature_shape), un-normalised
     y: torch.Tensor  # (N,) class indices
     report: LoadReport
+    ids: tuple[str, ...]  # each utterance's identity in the privacy ledger (SHA-256 of its decoded audio)
 
 
 @torch.no_grad()
 def extract(extractor: nn.Module, waves: list[np.ndarray]) -> torch.Tensor:
-    """Run the extractor over variable-length waveforms, one utterance at a time."""
-    return torch.stack([extractor(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))[None])[0]
-                        for w in waves])
+    """Run the extractor over variable-length waveforms, one utterance at a time, on one thread (an utterance is
+    too small to share between threads, and on a busy 2-core machine threads made it 20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.stack([extractor(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))[None])[0]
+                            for w in waves])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def speaker_data(cfg: DictConfig, speaker: str, corpus: Corpus | None = None,
@@ -91,20 +102,21 @@ def speaker_data(cfg: DictConfig, speaker: str, corpus: Corpus | None = None,
     else:  # a device's own folder: its place and its label list identify the cached features
         source = {"corpus": type(corpus).__name__, "where": corpus.where,
                   "labels": [(u.uid, u.emotion) for u in corpus.utterances_of(speaker)]}
-    key = _key(source, _plain(cfg.features), speaker, cfg.get("labels"))
+    key = _key(CACHE_VERSION, source, _plain(cfg.features), speaker, cfg.get("labels"))
     cache = Path(cache_dir or cfg.cache_dir) / "features" / f"{key}.pt"
     if cache.exists():
         blob = torch.load(cache, weights_only=False)
-        return SpeakerData(speaker, blob["sex"], blob["x"], blob["y"], blob["report"])
+        return SpeakerData(speaker, blob["sex"], blob["x"], blob["y"], blob["report"], tuple(blob["ids"]))
     utts, waves, report = corpus.load_speaker(speaker)
     if not utts:
         raise ValueError(f"speaker {speaker}: no usable audio ({report.summary()})")
     x = extract(extractor_from_config(cfg), waves)
     y = torch.tensor([label_index(cfg, corpus, u) for u in utts], dtype=torch.long)
-    data = SpeakerData(speaker, corpus.speaker_sex(speaker), x, y, report)
+    ids = tuple(utterance_id(np.ascontiguousarray(w, dtype=np.float32).tobytes()) for w in waves)
+    data = SpeakerData(speaker, corpus.speaker_sex(speaker), x, y, report, ids)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".{np.random.randint(1 << 30)}.tmp")
-    torch.save({"sex": data.sex, "x": x, "y": y, "report": report}, tmp)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    torch.save({"sex": data.sex, "x": x, "y": y, "report": report, "ids": list(ids)}, tmp)
     tmp.replace(cache)  # atomic: concurrent devices never read a half-written file
     return data
 
@@ -118,16 +130,6 @@ def label_index(cfg: DictConfig, corpus: Corpus, utt) -> int:
         raise ValueError(f"{utt.uid}: emotion {utt.emotion!r} is not one of this experiment's labels {list(labels)}; "
                          "remove it from labels.csv (check with `python -m clients.validate DATA_DIR --labels ...`)")
     return list(labels).index(utt.emotion)
-
-
-def fitted_normalizer(cfg: DictConfig, x: torch.Tensor) -> nn.Module:
-    """A normaliser fitted on one speaker's own features (device-local statistics only)."""
-    from fl_ser.features import FeatureNormalizer
-
-    ext = extractor_from_config(cfg)
-    norm = FeatureNormalizer(tuple(ext.output_shape), ext.kind)
-    norm.fit(x)
-    return norm
 
 
 def new_classifier(cfg: DictConfig, num_classes: int) -> nn.Module:

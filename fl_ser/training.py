@@ -1,9 +1,18 @@
-"""Local training on a device: plain SGD, or DP-SGD through Opacus with a ledger that composes across rounds.
+"""Local training on a device: plain SGD, or DP-SGD through Opacus, returning exactly what the round spent.
 
 Opacus's ``PrivacyEngine.make_private`` wraps a fresh classifier every round
-(wrapping one module twice fails) and its accountant is seeded with the
-device's :class:`~fl_ser.privacy.accountant.PrivacyLedger`, so the epsilon a
-device reports is cumulative over every round it trained in.
+(wrapping one module twice fails) with a fresh accountant; the round's
+accountant history, ``(noise multiplier, sample rate, steps)`` entries, is
+what the device records in its lifetime ledger (:mod:`fl_ser.privacy.ledger`),
+so the epsilon it reports composes every round it ever trained in.
+:func:`planned_entries` predicts those entries before training, so the device
+can check its budget first.
+
+The Gaussian noise comes from OpenDP's vetted sampler on its CSPRNG
+(:func:`fl_ser.privacy.noise.with_vetted_noise`) unless ``vetted_noise`` is
+off, which gives Opacus's own ``torch.normal`` draws (faster for small models,
+see the benchmarks; not a cryptographic source). Batch sampling draws from a
+torch generator seeded from OS entropy either way.
 
 FedProx's proximal term does not depend on data, so it is applied as a separate
 decoupled step after each optimiser step: Opacus's per-sample gradients (hooks
@@ -22,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fl_ser.privacy.accountant import PrivacyBudgetError, PrivacyLedger
+from fl_ser.privacy.accountant import Entry, PrivacyBudgetError
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,7 @@ class DPSGDConfig:
     accountant: str = "rdp"
     grad_sample_mode: str = "hooks"
     poisson_sampling: bool = True
+    vetted_noise: bool = True  # draw the Gaussian noise from OpenDP's sampler (fl_ser.privacy.noise), not torch's
 
     def __post_init__(self):
         if self.noise_multiplier <= 0:
@@ -68,17 +78,17 @@ def sample_rate(num_examples: int, cfg: LocalTrainConfig) -> float:
     return batch_size(num_examples, cfg) / num_examples
 
 
-def planned_epsilon(ledger: PrivacyLedger, num_examples: int, cfg: LocalTrainConfig, dp: DPSGDConfig) -> float:
-    """The cumulative epsilon the device would reach by training this round."""
-    return ledger.epsilon_after(dp.noise_multiplier, sample_rate(num_examples, cfg),
-                                steps_per_round(num_examples, cfg), dp.delta)
+def planned_entries(num_examples: int, cfg: LocalTrainConfig, dp: DPSGDConfig) -> list[Entry]:
+    """The accountant entries one round of DP-SGD on ``num_examples`` utterances will spend."""
+    return [(dp.noise_multiplier, sample_rate(num_examples, cfg), steps_per_round(num_examples, cfg))]
 
 
 def train_local(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTrainConfig,
-                dp: DPSGDConfig | None = None, ledger: PrivacyLedger | None = None) -> dict[str, float]:
-    """Train ``classifier`` in place for one round; returns mean loss and steps taken.
+                dp: DPSGDConfig | None = None) -> dict:
+    """Train ``classifier`` in place for one round; returns mean loss, steps taken and (DP) the entries spent.
 
-    With ``dp``, trains with Opacus DP-SGD and updates ``ledger`` with this round's steps.
+    With ``dp``, trains with Opacus DP-SGD; ``spent`` is this round's accountant history, which the caller
+    records in the device's ledger before anything derived from the model leaves.
     """
     classifier.train()
     anchor = [p.detach().clone() for p in classifier.parameters()] if cfg.proximal_mu > 0 else None
@@ -92,17 +102,18 @@ def train_local(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Lo
     if dp is not None:
         from opacus import PrivacyEngine
 
-        if ledger is None:
-            raise ValueError("DP-SGD training needs the device's PrivacyLedger")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")  # see README: limits
-            engine = PrivacyEngine(accountant=ledger.mechanism)
-            engine.accountant = ledger.make_accountant()
+            engine = PrivacyEngine(accountant=dp.accountant)
             model, optimizer, loader = engine.make_private(
                 module=classifier, optimizer=optimizer, data_loader=loader,
                 noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
                 poisson_sampling=dp.poisson_sampling, grad_sample_mode=dp.grad_sample_mode, noise_generator=rng,
             )
+        if dp.vetted_noise:
+            from fl_ser.privacy.noise import with_vetted_noise
+
+            optimizer = with_vetted_noise(optimizer)
     loss_fn = nn.CrossEntropyLoss()
     total, count, steps = 0.0, 0, 0
     for _ in range(cfg.epochs):
@@ -121,12 +132,13 @@ def train_local(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Lo
                 with torch.no_grad():
                     for p, p0 in zip(classifier.parameters(), anchor, strict=True):
                         p.sub_(cfg.lr * cfg.proximal_mu * (p - p0))
+    result = {"train_loss": total / max(count, 1), "steps": steps}
     if engine is not None:
-        ledger.adopt(engine.accountant)
+        result["spent"] = [tuple(h) for h in engine.accountant.history]
         if hasattr(model, "_close"):
             model._close()
     classifier.eval()
-    return {"train_loss": total / max(count, 1), "steps": steps}
+    return result
 
 
 @torch.no_grad()

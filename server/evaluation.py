@@ -1,9 +1,10 @@
 """Server-side evaluation of the global model on held-out speakers that never trained.
 
-Each test speaker's features are standardised with that speaker's own
-statistics, exactly as their device would do after deployment (speaker-level
-normalisation, unlabelled). Reports UAR, accuracy, macro-F1, the confusion
-matrix and UAR per sex.
+Each test speaker's features are standardised exactly as a training device
+standardises its own (``privacy.normalization``: with ``dp``, through the same
+noisy release, drawn once per speaker; with ``local``, the speaker's own
+statistics). Reports UAR, accuracy, macro-F1, the confusion matrix and UAR per
+sex.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 from omegaconf import DictConfig
 
 from fl_ser.metrics import classification_report
-from fl_ser.task import fitted_normalizer, new_classifier, set_arrays, speaker_data
+from fl_ser.privacy import normalization
+from fl_ser.task import new_classifier, set_arrays, speaker_data
 from fl_ser.training import evaluate
 
 
@@ -21,14 +23,11 @@ class HeldOutEvaluator:
     def __init__(self, cfg: DictConfig, test_speakers: tuple[str, ...]):
         self.cfg = cfg
         self.labels = list(cfg.labels)
+        self.normalization = normalization.from_config(cfg)
         xs, ys, groups = [], [], []
-        self.raw = []
         for spk in test_speakers:
             data = speaker_data(cfg, spk)
-            norm = fitted_normalizer(cfg, data.x)
-            self.raw.append(data.x)
-            with torch.no_grad():
-                xs.append(norm(data.x))
+            xs.append(self.normalization.standardise(data.x))
             ys.append(data.y)
             groups += [data.sex] * len(data.y)
         self.x, self.y, self.groups = torch.cat(xs), torch.cat(ys), groups
@@ -44,7 +43,3 @@ class HeldOutEvaluator:
         pred, loss = evaluate(classifier, self.x, self.y)
         report = classification_report(self.y.numpy(), pred.numpy(), self.labels, groups=self.groups)
         return loss, report
-
-    def pooled_normalizer(self):
-        """A normaliser on all held-out speakers' raw features: the release's default before device calibration."""
-        return fitted_normalizer(self.cfg, torch.cat(self.raw))

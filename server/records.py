@@ -18,7 +18,8 @@ import numpy as np
 
 log = logging.getLogger("fl_ser.server")
 
-CSV_FIELDS = ["round", "uar", "accuracy", "macro_f1", "loss", "epsilon_sample_max", "epsilon_user", "participants",
+CSV_FIELDS = ["round", "uar", "accuracy", "macro_f1", "loss", "epsilon_sample_max", "epsilon_sample_run_max",
+              "epsilon_user", "participants",
               "declined", "seconds"]
 
 
@@ -46,15 +47,27 @@ class RunRecorder:
         self.total_rounds = total_rounds
         self.user_epsilon_after = user_epsilon_after  # rounds -> epsilon or None
         self.rounds: list[dict] = []
-        self.epsilon_sample_max: float | None = None
+        self.epsilons: dict[str, float] = {}  # the largest of each reported epsilon: lifetime, run, parts
         self._fit: dict = {}
         self._t0 = self._last = time.monotonic()
 
+    @property
+    def epsilon_sample_max(self) -> float | None:
+        """The largest lifetime sample-level epsilon any device reported (None: none did)."""
+        return self.epsilons.get("epsilon")
+
+    def epsilon_split(self) -> dict[str, float] | None:
+        """The largest lifetime epsilon, this run's, and the normalisation and training parts (None: no DP-SGD)."""
+        names = {"epsilon": "lifetime", "epsilon_run": "this_run", "epsilon_normalization": "normalization",
+                 "epsilon_training": "training"}
+        return {names[k]: v for k, v in self.epsilons.items()} or None
+
     # Flower's fit_metrics_aggregation_fn: the devices' plain-text metrics for this round.
     def aggregate_fit_metrics(self, results: list[tuple[int, dict]]) -> dict:
-        eps = [float(m["epsilon"]) for _, m in results if "epsilon" in m]
-        if eps:
-            self.epsilon_sample_max = max([*eps, self.epsilon_sample_max or 0.0])
+        for key in ("epsilon", "epsilon_run", "epsilon_normalization", "epsilon_training"):
+            eps = [float(m[key]) for _, m in results if key in m]
+            if eps:
+                self.epsilons[key] = max([*eps, self.epsilons.get(key, 0.0)])
         self._fit = {"participants": len(results), "declined": int(sum(int(m.get("declined", 0)) for _, m in results))}
         return {"epsilon_sample_max": self.epsilon_sample_max or 0.0, **self._fit}
 
@@ -65,6 +78,7 @@ class RunRecorder:
         row = {
             "round": server_round, "uar": report["uar"], "accuracy": report["accuracy"],
             "macro_f1": report["macro_f1"], "loss": loss, "epsilon_sample_max": self.epsilon_sample_max,
+            "epsilon_sample_run_max": self.epsilons.get("epsilon_run"),
             "epsilon_user": self.user_epsilon_after(server_round) if server_round else None,
             "participants": self._fit.get("participants", 0) if server_round else 0,
             "declined": self._fit.get("declined", 0) if server_round else 0,
@@ -84,6 +98,9 @@ class RunRecorder:
             w.writerow(self.rounds[-1])
         np.savez(self.dir / "checkpoints" / f"round_{server_round:03d}.npz", *arrays)
         eps_s = "-" if row["epsilon_sample_max"] is None else f"{row['epsilon_sample_max']:.2f}"
+        run_eps = row["epsilon_sample_run_max"]
+        if run_eps is not None and abs(run_eps - row["epsilon_sample_max"]) > 5e-3:  # devices that trained before
+            eps_s += f" (this run {run_eps:.2f})"
         eps_u = "-" if row["epsilon_user"] is None else f"{row['epsilon_user']:.2f}"
         declined = f" | declined {row['declined']}" if row["declined"] else ""
         declined += f" | dropped {', '.join(dropped)}" if dropped else ""

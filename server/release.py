@@ -2,9 +2,10 @@
 
 ``<run dir>/release/`` holds ``emotion_model.pt`` (waveform (1, samples) at
 16 kHz -> probabilities (1, C)), ``labels.json`` and ``config.yaml`` (the
-resolved config it was trained with). Its normaliser holds the pooled
-statistics of the server's held-out speakers as a default; a device replaces
-them with its own (unlabelled) statistics for best accuracy.
+resolved config it was trained with). Its normaliser holds the public
+reference statistics (:mod:`fl_ser.privacy.normalization`), never any
+speaker's; with a speaker-level normalisation a device replaces them with its
+own (unlabelled) statistics, on the device.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def release_model(cfg: DictConfig, arrays: list[np.ndarray], normalizer, out_dir
 
 def deploy_and_collect(grid, cfg: DictConfig, arrays: list[np.ndarray], artifact: Path, rounds: int) -> list[dict]:
     """Send the release to every device: the artifact for its model store, and the weights it evaluates on its data."""
-    from clients.client_app import RELEASE_ARTIFACT, RELEASE_CONFIG_HASH, RELEASE_REPORT, RELEASE_ROUND
+    from fl_ser.protocol import RELEASE_ARTIFACT, RELEASE_CONFIG_HASH, RELEASE_REPORT, RELEASE_ROUND
     from fl_ser.run_config import config_hash
     from server.server_app import reply_timeout
 
@@ -65,6 +66,6 @@ def deploy_and_collect(grid, cfg: DictConfig, arrays: list[np.ndarray], artifact
             log.warning("device %s could not evaluate the release: %s", reply.metadata.src_node_id, reply.error)
             continue
         res = compat.recorddict_to_evaluateres(reply.content)
-        if report:
+        if report and res.metrics:  # a device whose own policy forbids the report stores the model, says nothing
             reports.append({"node": int(reply.metadata.src_node_id), "loss": float(res.loss), **res.metrics})
     return reports

@@ -97,12 +97,13 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
     params = compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
     final = parameters_to_ndarrays(params)
     loss, report = evaluator(final)
-    release = release_model(cfg, final, evaluator.pooled_normalizer(), run_dir / "release")
+    release = release_model(cfg, final, evaluator.normalization.published(), run_dir / "release")
     devices = deploy_and_collect(grid, cfg, final, Path(release["path"]), rounds) if cfg.release.deploy else []
     summary = {
         "uar": report["uar"], "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
         "uar_by_group": report.get("uar_by_group"), "recall": report["recall"], "loss": loss,
-        "epsilon_sample_max": recorder.epsilon_sample_max, "epsilon_user": user_eps(rounds),
+        "epsilon_sample_max": recorder.epsilon_sample_max, "epsilon_sample": recorder.epsilon_split(),
+        "epsilon_user": user_eps(rounds), "normalization": str(cfg.privacy.normalization.mode),
         "delta": float(cfg.privacy.dp_sgd.delta) if cfg.privacy.dp_sgd.enabled else None,
         "delta_user": float(user.delta) if z_user > 0 else None,
         "rounds": rounds, "num_devices": num_devices, "clients_per_round": m,

@@ -1,7 +1,8 @@
 """User-level differential privacy for the aggregate (DP-FedAvg, McMahan et al. 2018), before any server optimiser.
 
-Devices clip their update to L2 norm C (Flower's ``fixedclipping_mod``, which
-reads C from the fit config this wrapper sends) and are weighted uniformly, so
+Devices clip their update to L2 norm C (the C this wrapper sends, which each
+device checks against its own policy, :mod:`fl_ser.privacy.policy`) and are
+weighted uniformly, so
 one device changes the mean of n updates by at most C / n. Gaussian noise of
 std z * C / n is added to that mean, either here after SecAgg+ unmasking
 (``placement=server``) or by the devices before masking (``placement=
@@ -12,22 +13,21 @@ strategy, so FedAdam's or FedProx's server step is post-processing of a DP
 release (Flower's own DP wrappers add noise *after* the inner strategy, which is
 not DP for adaptive server optimisers).
 
-Noise uses numpy's PCG64 seeded from the OS entropy pool; it is not a
-cryptographically secure sampler (see README, limits).
+Noise comes from OpenDP's Gaussian mechanism on its CSPRNG
+(:mod:`fl_ser.privacy.noise`), never from numpy's statistical generators.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import secrets
 
 import numpy as np
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import Strategy
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from clients.mods import KEY_DEVICE_NOISE_STD
+from fl_ser.privacy.noise import add_gaussian
+from fl_ser.protocol import KEY_CLIPPING_NORM, KEY_DEVICE_NOISE_STD
 
 log = logging.getLogger("fl_ser.server")
 
@@ -47,7 +47,6 @@ class UserLevelDP(Strategy):
         self.placement = placement
         self._sampled: set[str] = set()
         self.last_round: dict = {}
-        self._rng = np.random.default_rng(secrets.randbits(128))
 
     def __repr__(self) -> str:
         return (f"UserLevelDP({self.strategy!r}, C={self.clipping_norm}, z={self.noise_multiplier}, "
@@ -87,7 +86,7 @@ class UserLevelDP(Strategy):
                 already = self.noise_multiplier * self.clipping_norm * math.sqrt(n / m) / n
             std = math.sqrt(max(target**2 - already**2, 0.0))
             if std > 0:
-                mean = [m + self._rng.normal(0.0, std, m.shape).astype(m.dtype) for m in mean]
+                mean = add_gaussian(mean, std)
         self.last_round = {"participants": n, "server_noise_std": std, "failures": len(failures), "dropped": dropped}
         noised = ndarrays_to_parameters(mean)
         for _, r in results:

@@ -149,11 +149,14 @@ def test_rehearsal_runs_the_full_stack_and_leaves_the_model_on_every_device(tmp_
     sf.write(wav, 0.1 * np.sin(np.linspace(0, 2000, 32000)) * np.random.default_rng(0).uniform(0.5, 1, 32000), 16000)
     for device, info in record["devices"].items():
         store = run_dir / "devices" / device / "model_store"
-        released, adapted = (json.loads((store / v / "meta.json").read_text()) for v in ("v0001", "v0002"))
+        released = json.loads((store / "v0001" / "meta.json").read_text())
         assert released["round"] == 2 and released["version"] == 1 and len(released["config_hash"]) == 16
         assert (store / "v0001" / "emotion_model.pt").read_bytes() == release  # the exact released artifact
-        assert adapted["adapted_from"] == 1 and adapted["config_hash"] == released["config_hash"]
-        assert info["report"]["released_version"] == 1 and info["report"]["version"] == 2
+        # public normalisation: the release is used as it came (no per-device adaptation to store)
+        assert not (store / "v0002").exists()
+        assert info["report"]["released_version"] == 1 and info["report"]["version"] == 1
+        ledger = json.loads((run_dir / "devices" / device / "privacy" / "ledger.json").read_text())
+        assert [e["kind"] for e in ledger["events"]] == ["training", "training"]  # on the device's own disk
         pred = subprocess.run([sys.executable, "-m", "clients.predict", "--store", str(store), str(wav),
                                "--json"], cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
         (result,) = json.loads(pred.stdout)

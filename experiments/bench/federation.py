@@ -1,6 +1,6 @@
 """Secure aggregation cost: round time with SecAgg+ versus plain aggregation of the same clipped updates.
 
-Two measurements:
+Measurements:
 
 - :func:`secagg_overhead`, aggregation alone: devices return a fixed update of
   the default model's size (so only aggregation differs between the two modes)
@@ -14,19 +14,37 @@ Two measurements:
 - :func:`default_model_overhead`, the whole round: the default experiment
   (synthetic corpus, full privacy stack, local DP-SGD training of the default
   model) with ``aggregation=plain`` and ``aggregation=secagg_plus``.
+- what fl-ser's ChaCha20 masks cost against Flower's 32-bit-seeded Mersenne
+  Twister (run here only, through a benchmark-only switch; fl-ser itself never
+  uses Flower's): :func:`mask_prg_overhead`, round time in simulation with the
+  two alternating; :func:`secagg_round_compute`, one round's computation in one
+  process (:class:`InProcessGrid`, no transport: far less noisy on a busy
+  machine); :func:`mask_expansion_cost`, one mask expansion.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
 import numpy as np
+from flwr.app import Message
+from flwr.serverapp import Grid
 from omegaconf import OmegaConf
+
+from fl_ser.flower_compat import SECAGG_DEVICE_MODULE, SECAGG_SERVER_MODULE
+
+#: The SecAgg+ settings of both harnesses (num_shares 'auto': 2 ceil(log2 n) + 1 neighbours).
+HARNESS_CONFIG = {"aggregation": {"num_shares": "auto", "reconstruction_threshold": 0.6, "clipping_range": 8.0,
+                                  "max_weight": 1000.0},
+                  "federation": {"reply_timeout_s": None, "poll_interval_s": 0.02},
+                  "privacy": {"update_clipping": {"enabled": True}}}
 
 
 def _timing_mod(log_dir: str, tag: str):
@@ -40,29 +58,52 @@ def _timing_mod(log_dir: str, tag: str):
     return mod
 
 
+def _benchmark_only_flower_masks_mod(msg, ctxt, call_next):
+    """BENCHMARK ONLY (the "before" of the mask PRG comparison): runs inside the SecAgg+ mod, after fl-ser's crypto
+    is installed and before the update is masked, and puts back Flower's own 32-bit-seeded Mersenne Twister."""
+    _use_flower_masks(SECAGG_DEVICE_MODULE)
+    return call_next(msg, ctxt)
+
+
+def _use_flower_masks(module_name: str) -> None:
+    """BENCHMARK ONLY: Flower's ``pseudo_rand_gen`` in one SecAgg+ module; the next fl-ser install replaces it."""
+    import importlib
+
+    from flwr.common.secure_aggregation import secaggplus_utils
+
+    importlib.import_module(module_name).pseudo_rand_gen = secaggplus_utils.pseudo_rand_gen
+
+
 def fixed_update_federation(init: list[np.ndarray], update_of: Callable[[int], list[np.ndarray]], num_devices: int,
                             secure: bool, rounds: int = 1, clipping_norm: float = 1.0,
-                            measure_dir: str | None = None) -> list[tuple[float, list]]:
+                            measure_dir: str | None = None, around_secagg: Sequence[Callable] = (),
+                            masks: str = "fl-ser") -> list[tuple[float, list]]:
     """A federation whose device i returns (global + update_of(i)) through the project's real device mods
-    (privacy boundary, SecAgg+, fixed clipping) and server pieces (UserLevelDP without noise, the SecAgg+
-    workflow as configured), on the project's simulation runtime. Returns (time, global arrays) after each
-    round. ``update_of`` travels with every message (Flower ships the ClientApp to its workers each time), so
-    it should compute the update rather than hold everyone's. With ``measure_dir``, each device logs the
-    seconds spent inside ``secaggplus_mod`` ("outer") and in what it wraps ("inner").
+    (privacy boundary, fl-ser's SecAgg+ mod, the update clipping of the device's policy) and server pieces
+    (UserLevelDP without noise, the SecAgg+ workflow as configured), on the project's simulation runtime.
+    Returns (time, global arrays) after each round. ``update_of`` travels with every message (Flower ships the
+    ClientApp to its workers each time), so it should compute the update rather than hold everyone's. With
+    ``measure_dir``, each device logs the seconds spent inside the SecAgg+ mod ("outer") and in what it wraps
+    ("inner"). ``around_secagg``: mods placed just outside the SecAgg+ mod (tests observe the protocol there).
+    ``masks="flower"`` is for benchmarks only: both sides expand masks with Flower's own (weak) PRG, to measure
+    what fl-ser's costs.
     """
     from flwr.client import ClientApp, NumPyClient
-    from flwr.client.mod import fixedclipping_mod
     from flwr.common import ndarrays_to_parameters
     from flwr.server import LegacyContext, ServerApp, ServerConfig
     from flwr.server.strategy import FedAvg
     from flwr.server.workflow import DefaultWorkflow
 
-    from clients.mods import secure_aggregation_mod
     from experiments.simulation import run_simulation
+    from fl_ser.flower_compat import install_secagg_server_crypto, secaggplus_mod
     from fl_ser.privacy.boundary import make_boundary_mod
+    from fl_ser.privacy.policy import DevicePolicy, make_policy_mods
     from server.grid import prompt_grid
     from server.secagg import secagg_workflow
     from server.user_dp import UserLevelDP
+
+    if masks not in ("fl-ser", "flower"):
+        raise ValueError(f"masks={masks!r}: 'fl-ser', or 'flower' (benchmarks only)")
 
     class FixedUpdate(NumPyClient):
         def __init__(self, pid):
@@ -71,18 +112,18 @@ def fixed_update_federation(init: list[np.ndarray], update_of: Callable[[int], l
         def fit(self, parameters, config):
             return [p + u for p, u in zip(parameters, self.update, strict=True)], 1, {"declined": 0}
 
-    mods = [make_boundary_mod(secure)]
-    if secure and measure_dir:
-        mods += [_timing_mod(measure_dir, "outer"), secure_aggregation_mod, _timing_mod(measure_dir, "inner")]
-    elif secure:
-        mods.append(secure_aggregation_mod)
-    mods.append(fixedclipping_mod)
+    mods = [make_boundary_mod(secure, uniform_weight=True)]
+    if secure:
+        inner = [_benchmark_only_flower_masks_mod] if masks == "flower" else []
+        if measure_dir:
+            mods += [*around_secagg, _timing_mod(measure_dir, "outer"), secaggplus_mod, *inner,
+                     _timing_mod(measure_dir, "inner")]
+        else:
+            mods += [*around_secagg, secaggplus_mod, *inner]
+    mods.append(make_policy_mods(lambda ctxt: (DevicePolicy(max_update_norm=clipping_norm), None))[1])
     client = ClientApp(client_fn=lambda ctx: FixedUpdate(int(ctx.node_config["partition-id"])).to_client(), mods=mods)
     seen: list[tuple[float, list]] = []
-    cfg = OmegaConf.create({"aggregation": {"num_shares": "auto", "reconstruction_threshold": 0.6,
-                                            "clipping_range": 8.0, "max_weight": 1000.0},
-                            "federation": {"reply_timeout_s": None, "poll_interval_s": 0.02},
-                            "privacy": {"update_clipping": {"enabled": True}}})
+    cfg = OmegaConf.create(HARNESS_CONFIG)
     server = ServerApp()
 
     @server.main()
@@ -93,13 +134,132 @@ def fixed_update_federation(init: list[np.ndarray], update_of: Callable[[int], l
                    evaluate_fn=lambda r, arrays, c: seen.append((time.perf_counter(), arrays)) if r else None),
             clipping_norm=clipping_norm, noise_multiplier=0.0, placement="server")
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
-        workflow = DefaultWorkflow(fit_workflow=secagg_workflow(cfg, num_devices) if secure else None)
-        workflow(prompt_grid(grid, cfg), legacy)
+        fit_workflow = secagg_workflow(cfg, num_devices) if secure else None
+        if secure and masks == "flower":
+            _use_flower_masks(SECAGG_SERVER_MODULE)
+        DefaultWorkflow(fit_workflow=fit_workflow)(prompt_grid(grid, cfg), legacy)
 
-    run_simulation(server_app=server, client_app=client, num_supernodes=num_devices,
-                   backend_config={"client_resources": {"num_cpus": 1},
-                                   "init_args": {"include_dashboard": False, "log_to_driver": False}})
+    try:
+        run_simulation(server_app=server, client_app=client, num_supernodes=num_devices,
+                       backend_config={"client_resources": {"num_cpus": 1},
+                                       "init_args": {"include_dashboard": False, "log_to_driver": False}})
+    finally:
+        if secure and masks == "flower":
+            install_secagg_server_crypto()
     return seen
+
+
+class InProcessGrid(Grid):
+    """A grid that hands each message (a copy, as a transport would) to an in-process device and returns its
+    reply at once: a SecAgg+ round's own computation, with no transport, scheduling or polling."""
+
+    def __init__(self, devices: dict[int, Callable]):
+        from flwr.app import Context, RecordDict
+
+        self.devices = devices
+        self.contexts = {nid: Context(run_id=1, node_id=nid, node_config={"partition-id": pid}, state=RecordDict(),
+                                      run_config={}) for pid, nid in enumerate(devices)}
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            msg = copy.deepcopy(msg)
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            replies.append(self.devices[msg.metadata.dst_node_id](msg, self.contexts[msg.metadata.dst_node_id]))
+        return replies
+
+    def get_node_ids(self):
+        return list(self.devices)
+
+    def _not_used(self, *args, **kwargs):
+        raise NotImplementedError("InProcessGrid only sends and receives")
+
+    set_run = create_message = push_messages = pull_messages = _not_used
+    run = property(_not_used)
+
+
+def in_process_device(update: list[np.ndarray], masks: str = "fl-ser", secagg_mod: Callable | None = None):
+    """A device (its mod chain) that adds ``update`` to the global model behind fl-ser's SecAgg+ mod, or behind
+    ``secagg_mod``; ``masks="flower"`` (benchmarks only) masks with Flower's own PRG."""
+    from flwr.client.mod.utils import make_ffn
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as rd
+
+    from fl_ser.flower_compat import secaggplus_mod
+
+    def fit(msg, ctxt):
+        params = parameters_to_ndarrays(rd.recorddict_to_fitins(msg.content, keep_input=True).parameters)
+        new = ndarrays_to_parameters([p + u for p, u in zip(params, update, strict=True)])
+        return Message(rd.fitres_to_recorddict(FitRes(Status(Code.OK, ""), new, 1, {}), keep_input=False),
+                       reply_to=msg)
+
+    inner = [_benchmark_only_flower_masks_mod] if masks == "flower" else []
+    return make_ffn(fit, [secagg_mod or secaggplus_mod, *inner])
+
+
+def in_process_secagg_round(devices: dict[int, Callable], init: list[np.ndarray], server_masks: str = "fl-ser"):
+    """One round of the server's SecAgg+ workflow (``server.secagg``) with FedAvg over ``devices`` (node id ->
+    device), all in this process: returns the new global arrays and the round's failures. ``server_masks="flower"``
+    (benchmarks and tests only) unmasks with Flower's own PRG."""
+    from flwr.app import ConfigRecord, Context, RecordDict
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as rd
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fl_ser.flower_compat import install_secagg_server_crypto
+    from server.secagg import secagg_workflow
+
+    failures: list[BaseException] = []
+
+    class Recording(FedAvg):
+        def aggregate_fit(self, server_round, results, fails):
+            failures.extend(fails)
+            return super().aggregate_fit(server_round, results, fails)
+
+    grid, n = InProcessGrid(devices), len(devices)
+    strategy = Recording(fraction_fit=1.0, min_fit_clients=n, min_available_clients=n, fraction_evaluate=0.0)
+    identity = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # Flower's runtimes set these
+    try:
+        context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
+        for nid in devices:
+            legacy.client_manager.register(GridClientProxy(nid, grid, 1))
+        legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({"current_round": 1})
+        legacy.state.array_records[MAIN_PARAMS_RECORD] = rd.parameters_to_arrayrecord(ndarrays_to_parameters(init),
+                                                                                      True)
+        workflow = secagg_workflow(OmegaConf.create(HARNESS_CONFIG), n)
+        if server_masks == "flower":
+            _use_flower_masks(SECAGG_SERVER_MODULE)
+        workflow(grid, legacy)
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = identity
+        install_secagg_server_crypto()
+    params = rd.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
+    return parameters_to_ndarrays(params), failures
+
+
+def secagg_round_compute(shapes: list[tuple], num_devices: int = 100, repeats: int = 5) -> dict:
+    """One SecAgg+ round's computation (every device's mods and the server's workflow, in this process, no
+    transport) with fl-ser's ChaCha20 masks and with Flower's Mersenne Twister masks, interleaved: wall and CPU
+    seconds of each repeat, and the ratio of the minima (the repeats least disturbed by other load)."""
+    init = [np.zeros(s, dtype=np.float32) for s in shapes]
+    wall: dict[str, list[float]] = {"flower": [], "fl-ser": []}
+    cpu: dict[str, list[float]] = {"flower": [], "fl-ser": []}
+    for _ in range(repeats):
+        for masks in wall:
+            devices = {1000 + p: in_process_device(seeded_update(shapes, p), masks) for p in range(num_devices)}
+            t0, c0 = time.perf_counter(), time.process_time()
+            in_process_secagg_round(devices, init, server_masks=masks)
+            wall[masks].append(time.perf_counter() - t0)
+            cpu[masks].append(time.process_time() - c0)
+    return {"secagg_round_compute_wall_s": wall, "secagg_round_compute_cpu_s": cpu,
+            "secagg_round_compute_wall_ratio": min(wall["fl-ser"]) / min(wall["flower"]),
+            "secagg_round_compute_cpu_ratio": min(cpu["fl-ser"]) / min(cpu["flower"])}
 
 
 def seeded_update(shapes: list[tuple], pid: int) -> list[np.ndarray]:
@@ -108,18 +268,57 @@ def seeded_update(shapes: list[tuple], pid: int) -> list[np.ndarray]:
     return [rng.normal(0, 0.01, s).astype(np.float32) for s in shapes]
 
 
-def round_cost(num_devices: int, secure: bool, shapes: list[tuple], rounds: int = 3) -> dict:
+def round_cost(num_devices: int, secure: bool, shapes: list[tuple], rounds: int = 3, masks: str = "fl-ser") -> dict:
     """Median round time (round 1, which pays for actor start-up, excluded) and per-device SecAgg+ work."""
     init = [np.zeros(s, dtype=np.float32) for s in shapes]
     log_dir = tempfile.mkdtemp(prefix="fl-ser-bench-")
     seen = fixed_update_federation(init, partial(seeded_update, shapes), num_devices, secure, rounds=rounds,
-                                   measure_dir=log_dir)
+                                   measure_dir=log_dir, masks=masks)
     result = {"round_s": float(np.median(np.diff([t for t, _ in seen])))}
     if secure:
         outer = sum(float(v) for f in Path(log_dir).glob("outer_*") for v in f.read_text().split())
         inner = sum(float(v) for f in Path(log_dir).glob("inner_*") for v in f.read_text().split())
         result["secagg_s_per_device_round"] = (outer - inner) / (num_devices * rounds)
     return result
+
+
+def mask_prg_overhead(shapes: list[tuple], num_devices: int = 100, alternations: int = 4, rounds: int = 4) -> dict:
+    """SecAgg+ round time with fl-ser's ChaCha20 masks against Flower's own Mersenne Twister masks, measured
+    side by side: the two variants alternate (Flower's first in odd pairs, fl-ser's first in even ones), so
+    that a busy machine slows both alike. Flower's masks are run for this comparison only."""
+    runs: dict[str, list[float]] = {"flower": [], "fl-ser": []}
+    for i in range(alternations):
+        for masks in (("flower", "fl-ser") if i % 2 == 0 else ("fl-ser", "flower")):
+            cost = round_cost(num_devices, secure=True, shapes=shapes, rounds=rounds, masks=masks)
+            runs[masks].append(cost["round_s"])
+            print(f"  masks {masks:6s} {num_devices} devices: {cost['round_s']:.3f} s per round, per-device SecAgg+ "
+                  f"work {1e3 * cost['secagg_s_per_device_round']:.1f} ms", flush=True)
+    median = {k: float(np.median(v)) for k, v in runs.items()}
+    pairs = [a / b for a, b in zip(runs["fl-ser"], runs["flower"], strict=True)]  # each pair ran back to back
+    return {"mask_prg_round_s": runs, "mask_prg_round_s_median": median,
+            "mask_prg_round_ratio": median["fl-ser"] / median["flower"],
+            "mask_prg_pair_ratio_median": float(np.median(pairs))}
+
+
+def mask_expansion_cost(shapes: list[tuple], repeats: int = 2000) -> dict:
+    """Microseconds to expand one SecAgg+ mask for ``shapes`` (modulus 2^32): Flower's ``pseudo_rand_gen``
+    against fl-ser's :func:`~fl_ser.privacy.secagg_crypto.mask_prg`, interleaved, best of 5 batches each."""
+    import os
+    import timeit
+
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+
+    from fl_ser.privacy.secagg_crypto import mask_prg
+
+    seed = os.urandom(32)
+    best = {"flower": math.inf, "fl-ser": math.inf}
+    for _ in range(5):
+        for name, prg in (("flower", pseudo_rand_gen), ("fl-ser", mask_prg)):
+            t = timeit.timeit(lambda prg=prg: prg(seed, 1 << 32, shapes), number=repeats) / repeats
+            best[name] = min(best[name], t)
+    size = sum(math.prod(s) for s in shapes)
+    return {"values": size, "flower_us": 1e6 * best["flower"], "fl_ser_us": 1e6 * best["fl-ser"],
+            "ratio": best["fl-ser"] / best["flower"]}
 
 
 def secagg_overhead(shapes: list[tuple], counts=(10, 50, 100, 200)) -> dict:

@@ -1,26 +1,32 @@
-"""Privacy accounting that composes across federated rounds.
+"""Privacy accounting with Opacus's accountants (RDP by default, PRV available) of the sampled Gaussian mechanism.
 
-Two guarantees are tracked, both with Opacus's accountants (RDP by default, PRV
-available) of the sampled Gaussian mechanism:
+Two guarantees are accounted:
 
-* **Sample level, per device** (:class:`PrivacyLedger`): every DP-SGD step a
-  device takes, in every round it takes part in, is one composition of the
-  Poisson-subsampled Gaussian mechanism with rate q = batch_size / n_local and
-  noise multiplier z. A fresh Opacus ``PrivacyEngine`` restarts at zero, so the
-  ledger's history lives in the node's ``context.state`` between rounds and is
-  handed to each round's engine.
+* **Sample level, per device**: every mechanism a device applies to its
+  utterances is an entry ``(noise_multiplier, sample_rate, steps)``: a DP-SGD
+  round is ``(z, batch / n, steps)`` (Poisson-subsampled Gaussian), a
+  normaliser release ``(z, 1, 1)`` (the plain Gaussian mechanism). Entries
+  compose across rounds and runs; the device's lifetime list lives in its
+  on-disk ledger (:mod:`fl_ser.privacy.ledger`). :func:`epsilon` turns a list
+  of entries into epsilon at delta.
 * **User level, per federation** (:func:`user_level_epsilon`): each round the
   server samples devices at rate q = m / N, adds Gaussian noise of std
   z * C / m to the mean of updates clipped to L2 norm C; R rounds compose.
+
+Both use add/remove-one adjacency (Opacus's), of one utterance and of one
+device's whole data respectively.
 """
 
 from __future__ import annotations
 
-import json
 import math
+from collections import Counter
+from collections.abc import Iterable
 
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
+
+Entry = tuple[float, float, int]  # (noise multiplier, sample rate, steps): Opacus's accountant history
 
 
 class PrivacyBudgetError(ValueError):
@@ -38,45 +44,25 @@ def check_delta(delta: float, num_records: int, who: str) -> None:
         )
 
 
-class PrivacyLedger:
-    """A device's sample-level DP-SGD history, composable across rounds and serialisable."""
+def merged(entries: Iterable[Entry]) -> list[Entry]:
+    """The same composition with repeated mechanisms merged (steps of equal (z, q) add up), in first-seen order."""
+    steps: Counter = Counter()
+    for z, q, n in entries:
+        steps[(float(z), float(q))] += int(n)
+    return [(z, q, n) for (z, q), n in steps.items()]
 
-    def __init__(self, mechanism: str = "rdp", history: list[tuple[float, float, int]] | None = None):
-        self.mechanism = mechanism
-        self.history: list[tuple[float, float, int]] = [tuple(h) for h in history or []]  # type: ignore[misc]
 
-    def _accountant(self, extra: tuple[float, float, int] | None = None) -> IAccountant:
-        acc = create_accountant(self.mechanism)
-        acc.history = [*self.history, *([extra] if extra else [])]
-        return acc
+def accountant(entries: Iterable[Entry], mechanism: str = "rdp") -> IAccountant:
+    """A fresh Opacus accountant whose history is ``entries``."""
+    acc = create_accountant(mechanism)
+    acc.history = merged(entries)
+    return acc
 
-    def epsilon(self, delta: float) -> float:
-        """Cumulative epsilon over everything recorded so far (0 when nothing was)."""
-        return float(self._accountant().get_epsilon(delta)) if self.history else 0.0
 
-    def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-        """The cumulative epsilon this device would have after ``steps`` more DP-SGD steps."""
-        return float(self._accountant((noise_multiplier, sample_rate, steps)).get_epsilon(delta))
-
-    def adopt(self, accountant: IAccountant) -> None:
-        """Take over the history of the accountant an Opacus engine used for this round."""
-        self.history = [tuple(h) for h in accountant.history]  # type: ignore[misc]
-
-    def make_accountant(self) -> IAccountant:
-        """A fresh Opacus accountant that starts from this ledger's history."""
-        return self._accountant()
-
-    @property
-    def steps(self) -> int:
-        return sum(int(h[2]) for h in self.history)
-
-    def to_json(self) -> str:
-        return json.dumps({"mechanism": self.mechanism, "history": self.history})
-
-    @classmethod
-    def from_json(cls, text: str) -> PrivacyLedger:
-        data = json.loads(text)
-        return cls(data["mechanism"], [tuple(h) for h in data["history"]])
+def epsilon(entries: Iterable[Entry], delta: float, mechanism: str = "rdp") -> float:
+    """Epsilon at ``delta`` of composing ``entries`` (0 for none)."""
+    history = merged(entries)
+    return float(accountant(history, mechanism).get_epsilon(delta)) if history else 0.0
 
 
 def user_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float,
@@ -84,6 +70,4 @@ def user_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int,
     """User-level epsilon of DP-FedAvg after ``rounds`` rounds; None when no user-level noise is added."""
     if noise_multiplier <= 0 or rounds <= 0:
         return None
-    acc = create_accountant(mechanism)
-    acc.history = [(noise_multiplier, sample_rate, rounds)]
-    return float(acc.get_epsilon(delta))
+    return epsilon([(noise_multiplier, sample_rate, rounds)], delta, mechanism)

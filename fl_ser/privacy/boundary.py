@@ -1,59 +1,83 @@
-"""The device's privacy boundary: the complete list of what may leave a device, enforced on every reply.
+"""The device's privacy boundary: the complete list of what may leave a device, enforced on every reply, errors too.
 
-Every message a device sends passes through :func:`make_boundary_mod`, the
-outermost ClientApp mod, which compares it against the table below and refuses
-(raises :class:`PrivacyBoundaryError`, so nothing is sent) anything not listed.
-Raw audio, features, labels, normaliser statistics and the privacy ledger are
-not in the table, so they can never leave. With secure aggregation on, no
-float array leaves either: the model update only leaves as SecAgg+ masked
-integer vectors, and the server learns only their sum.
+Every message a device answers passes :func:`guard`, the outermost layer of the
+ClientApp. It runs the device's handling of the message and then checks the
+reply against the table below, by name *and* by value; anything not listed
+is not sent. Raw audio, features, labels, normaliser statistics, the ledger
+and the device's logs are not in the table, so they can never leave. With
+secure aggregation on, no float array leaves either: the model update leaves
+only as SecAgg+-masked integers, and the server learns only their sum.
+
+Errors cross the same boundary. Whatever goes wrong on the device (a refusal,
+an unreadable file, a corrupt cache, a bug) is written in full to the device's
+*local* log, and the reply carries only a fixed :class:`~fl_ser.protocol.PublicError`
+code and its fixed text: never an exception's message, which can name files,
+utterance ids, labels or values. Flower would otherwise send that message to
+the server (``str(exception)`` in ``run_clientapp`` and in the simulation's
+``vce_api``).
 
 What leaves, by reply (``R`` = record name, then the keys allowed in it):
 
 =====================  ===========================================================
-SecAgg+ setup          ``secaggplus_configs``: ``pk1``, ``pk2`` (public keys)
+SecAgg+ setup          ``secaggplus_configs``: ``pk1``, ``pk2`` (public keys), the mask scheme
 SecAgg+ share keys     ``secaggplus_configs``: ``dsts``, ``ctxts`` (encrypted key shares)
-SecAgg+ masked vector  ``secaggplus_configs``: ``masked_params`` (masked, quantised update);
+SecAgg+ masked vector  ``secaggplus_configs``: ``masked_params`` (masked, quantised update:
+                       integer arrays of exactly the model's size plus the weight factor);
                        ``fitres.metrics``: TRAIN_METRICS; ``fitres.num_examples``
                        (1 for every device when updates are clipped); ``fitres.status``;
                        ``fitres.parameters`` present but empty
 SecAgg+ unmask         ``secaggplus_configs``: ``nids``, ``shares`` (key shares of neighbours)
-train, plain           ``fitres.parameters`` (the clipped update, visible to the server:
-                       only with ``aggregation=plain``); the same metrics as above
+train, plain           ``fitres.parameters`` (the clipped update, float arrays of the model's
+                       shapes, visible to the server: only with ``aggregation=plain``); the same
+                       metrics as above
 evaluate (release)     ``evaluateres.loss``, ``evaluateres.num_examples``,
                        ``evaluateres.metrics``: EVALUATE_METRICS; ``evaluateres.status``
+error                  a :class:`~fl_ser.protocol.PublicError` code and its fixed text
 =====================  ===========================================================
 
-TRAIN_METRICS are functions of public hyper-parameters and of whether the
-device trained (its cumulative DP-SGD epsilon, and whether it declined for lack
-of budget). EVALUATE_METRICS are the device's accuracy with the released model:
-aggregate statistics of its data that are *not* covered by DP; turn them off
-with ``release.device_report=false``.
+TRAIN_METRICS are the device's epsilons (lifetime total, this run's, and the
+normalisation and training parts, each a finite number) and whether it
+declined for lack of budget. They are functions of public hyper-parameters
+and of the device's participation, except that with Poisson batches the
+sampling rate ``batch / n`` ties epsilon to the device's number of
+utterances. EVALUATE_METRICS are the device's accuracy with the released
+model: aggregate statistics of its data that are *not* covered by DP; the
+device's policy (``device_report``) or ``release.device_report=false`` turns
+them off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-TRAIN_METRICS = frozenset({"epsilon", "declined"})
+from fl_ser.privacy.refusals import DeviceRefusal
+from fl_ser.protocol import MASK_SCHEME_KEY, PublicError
+
+TRAIN_METRICS = frozenset({"epsilon", "epsilon_run", "epsilon_normalization", "epsilon_training", "declined"})
 EVALUATE_METRICS = frozenset({"uar", "accuracy", "num_utterances", "epsilon"})
 
 SECAGG = "secaggplus_configs"
 SECAGG_STAGE_KEYS = {
-    "setup": frozenset({"pk1", "pk2"}),
+    "setup": frozenset({"pk1", "pk2", MASK_SCHEME_KEY}),
     "share_keys": frozenset({"dsts", "ctxts"}),
     "collect_masked_vectors": frozenset({"masked_params"}),
     "unmask": frozenset({"nids", "shares"}),
 }
+STATUS_MESSAGES = frozenset({"Success", ""})  # what Flower's NumPyClient writes; no other text leaves
 FIT_RECORDS = {"fitres.metrics": TRAIN_METRICS, "fitres.num_examples": frozenset({"num_examples"}),
                "fitres.status": frozenset({"code", "message"})}
 EVALUATE_RECORDS = {"evaluateres.loss": frozenset({"loss"}), "evaluateres.num_examples": frozenset({"num_examples"}),
                     "evaluateres.metrics": EVALUATE_METRICS, "evaluateres.status": frozenset({"code", "message"})}
+
+log = logging.getLogger("fl_ser.device")
 
 
 class PrivacyBoundaryError(RuntimeError):
@@ -90,8 +114,10 @@ def allowed_records(message_type: str, stage: str | None, secure_aggregation: bo
     raise PrivacyBoundaryError(f"a device never answers {message_type!r} messages")
 
 
-def check_reply(content, message_type: str, stage: str | None, secure_aggregation: bool) -> None:
-    """Raise PrivacyBoundaryError unless every record and key of ``content`` is listed for this reply."""
+def check_reply(content, message_type: str, stage: str | None, secure_aggregation: bool,
+                expected_shapes: list[tuple[int, ...]] | None = None, uniform_weight: bool = False) -> None:
+    """Raise PrivacyBoundaryError unless every record and key of ``content`` is listed for this reply and every
+    value is of the kind the table says (``expected_shapes``: the model's, from the request)."""
     allowed = allowed_records(message_type, stage, secure_aggregation)
     for name, info in describe(content).items():
         rule = allowed.get(name)
@@ -109,26 +135,132 @@ def check_reply(content, message_type: str, stage: str | None, secure_aggregatio
         if extra:
             raise PrivacyBoundaryError(f"{message_type} reply would send {sorted(extra)} in {name!r}; "
                                        f"the boundary allows only {sorted(rule)}")
+    check_values(content, message_type, stage, expected_shapes, uniform_weight)
 
 
-def make_boundary_mod(secure_aggregation: bool, audit_dir: str | None = None) -> Callable:
-    """The outermost ClientApp mod: checks every reply and, with ``audit_dir``, logs what left (no values)."""
+def check_values(content, message_type: str, stage: str | None, expected_shapes, uniform_weight: bool) -> None:
+    """The values of the listed records: masked integers of the model's size, finite metrics, no free text."""
+    from flwr.compat.common.parameter import bytes_to_ndarray
+
+    def fail(what: str):
+        raise PrivacyBoundaryError(f"{message_type} reply: {what}")
+
+    for name, rec in content.metric_records.items():
+        for key, value in rec.items():
+            if not all(math.isfinite(float(v)) for v in (value if isinstance(value, list) else [value])):
+                fail(f"{name}.{key} is not a finite number")
+    for name in ("fitres.metrics", "evaluateres.metrics"):
+        for key, value in content.config_records.get(name, {}).items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                fail(f"{name}.{key} must be a finite number")
+    fit_metrics = content.config_records.get("fitres.metrics", {})
+    if fit_metrics.get("declined", 0) not in (0, 1):
+        fail("declined must be 0 or 1")
+    for name in ("fitres.status", "evaluateres.status"):
+        if name in content.config_records and content.config_records[name].get("message", "") not in STATUS_MESSAGES:
+            fail(f"{name} carries a free-text message")
+    count = content.metric_records.get("fitres.num_examples", {}).get("num_examples")
+    if uniform_weight and count is not None and count != 1:
+        fail("num_examples must be 1 with clipped updates (uniform weights)")
+    shapes = [tuple(s) for s in expected_shapes or []]
+    if stage == "collect_masked_vectors" and SECAGG in content.config_records:
+        masked = [bytes_to_ndarray(b) for b in content.config_records[SECAGG].get("masked_params", [])]
+        if any(a.dtype.kind not in "iu" for a in masked):
+            fail("the masked vector is not integer data")
+        if shapes and [tuple(a.shape) for a in masked[1:]] != shapes:
+            fail("the masked vector does not have the model's size")
+    if message_type == "train" and stage is None and "fitres.parameters" in content.array_records:
+        arrays = list(content.array_records["fitres.parameters"].values())
+        if arrays and shapes:
+            got = [tuple(a.numpy().shape) for a in arrays]
+            if got != shapes or any(not np.isfinite(a.numpy()).all() for a in arrays):
+                fail("the update does not have the model's shapes or is not finite")
+
+
+def public_error(msg, error: PublicError):
+    """The only kind of error reply a device sends: a fixed code and its fixed text."""
+    from flwr.app import Error, Message
+
+    return Message(Error(code=int(error), reason=error.reason), reply_to=msg)
+
+
+def guard(msg, ctxt, handle: Callable[[], object], *, secure_aggregation: Callable[[], bool],
+          uniform_weight: Callable[[], bool], audit_dir: Callable[[], str | None]):
+    """Run ``handle()`` (the device's whole handling of ``msg``) inside the boundary; returns what may leave."""
+    stage = None
+    if SECAGG in msg.content.config_records:
+        stage = msg.content.config_records[SECAGG].get("stage")
+    kind = msg.metadata.message_type
+    try:
+        expected = _request_shapes(msg)
+        reply = handle()
+        if reply.has_error():
+            log.error("%s message (stage %s) failed inside the device: %s", kind, stage, reply.error)
+            return public_error(msg, PublicError.DEVICE_FAILED)
+        check_reply(reply.content, kind, stage, secure_aggregation(), expected, uniform_weight())
+    except DeviceRefusal as refusal:
+        log.warning("%s message (stage %s): %s (sent: %s)", kind, stage, refusal, refusal.public.reason)
+        return public_error(msg, refusal.public)
+    except PrivacyBoundaryError as err:
+        log.error("%s message (stage %s): reply stopped at the privacy boundary: %s", kind, stage, err)
+        return public_error(msg, PublicError.BOUNDARY_REFUSED)
+    except Exception:  # anything else: full details stay here, a fixed code leaves
+        log.exception("%s message (stage %s) failed on the device", kind, stage)
+        return public_error(msg, PublicError.DEVICE_FAILED)
+    folder = audit_dir()
+    if folder:
+        entry = {"time": time.time(), "node": ctxt.node_id, "type": kind, "stage": stage,
+                 "records": describe(reply.content)}
+        path = Path(folder) / f"node_{ctxt.node_id}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(entry, default=lambda o: str(np.dtype(o)) if not isinstance(o, str) else o) + "\n")
+    return reply
+
+
+def make_boundary_mod(secure_aggregation: bool, audit_dir: str | None = None, uniform_weight: bool = False):
+    """:func:`guard` as a ClientApp mod with fixed settings (the ClientApp reads its settings per message)."""
 
     def boundary_mod(msg, ctxt, call_next):
-        stage = None
-        if SECAGG in msg.content.config_records:
-            stage = msg.content.config_records[SECAGG].get("stage")
-        reply = call_next(msg, ctxt)
-        if reply.has_error():
-            return reply
-        check_reply(reply.content, msg.metadata.message_type, stage, secure_aggregation)
-        if audit_dir:
-            entry = {"time": time.time(), "node": ctxt.node_id, "type": msg.metadata.message_type, "stage": stage,
-                     "records": describe(reply.content)}
-            path = Path(audit_dir) / f"node_{ctxt.node_id}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a") as f:
-                f.write(json.dumps(entry, default=lambda o: str(np.dtype(o)) if not isinstance(o, str) else o) + "\n")
-        return reply
+        return guard(msg, ctxt, lambda: call_next(msg, ctxt), secure_aggregation=lambda: secure_aggregation,
+                     uniform_weight=lambda: uniform_weight, audit_dir=lambda: audit_dir)
 
     return boundary_mod
+
+
+def _request_shapes(msg) -> list[tuple[int, ...]] | None:
+    """The model's parameter shapes, from the global model the request carries (None when it carries none)."""
+    if not len(msg.content.array_records.get("fitins.parameters", {})):
+        return None
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    return [a.shape for a in parameters_to_ndarrays(compat.recorddict_to_fitins(msg.content, True).parameters)]
+
+
+@contextlib.contextmanager
+def local_log(path: Path | None) -> Iterator[None]:
+    """Route fl-ser's log records to the device's own log file while it handles one message, and nowhere else.
+
+    In simulation a device's process forwards its console to the server's when asked (``verbose``); on a
+    SuperNode the console is the device owner's. Either way fl-ser's device-side records (which may name files
+    and utterances) go only to ``path``, which lies in the device's own folder."""
+    logger = logging.getLogger("fl_ser")
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    before = logger.propagate, logger.level
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate, _ = before
+        logger.setLevel(before[1])
+        handler.close()
+
