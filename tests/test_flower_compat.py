@@ -36,17 +36,6 @@ SETUP = {"stage": "setup", "sample_num": 3, "share_num": 3, "threshold": 2, "cli
          "target_range": 1 << 22, "mod_range": 1 << 32, "max_weight": 1.0}
 
 
-@pytest.fixture
-def task_identity():
-    """Flower's Message constructor reads the running task's identity (set by Flower's runtimes)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
-
-
 def setup_message(**extra) -> Message:
     return Message(content=RecordDict({"secaggplus_configs": ConfigRecord({**SETUP, **extra})}), dst_node_id=7,
                    message_type=MessageType.TRAIN)
