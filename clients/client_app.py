@@ -119,7 +119,8 @@ def _corpus_speaker(cfg: DictConfig, node_config) -> str:
 def _training_speakers(cfg_json: str) -> tuple[str, ...]:
     """The experiment's training speakers, worked out once per process: the split walks the whole corpus
     (0.4 s for 10,000 speakers), and a simulation worker serves many devices."""
-    from fl_ser.task import corpus_from_config, split_from_config
+    from fl_ser.data.corpus import corpus_from_config
+    from fl_ser.data.partition import split_from_config
 
     cfg = decode(cfg_json)
     return tuple(split_from_config(cfg, corpus_from_config(cfg)).train)

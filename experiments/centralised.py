@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from fl_ser.data.corpus import corpus_from_config
+from fl_ser.data.partition import split_from_config
 from fl_ser.privacy import normalization
-from fl_ser.task import corpus_from_config, get_arrays, new_classifier, speaker_data, split_from_config
+from fl_ser.task import get_arrays, new_classifier, speaker_data
 from fl_ser.training import LocalTrainConfig, train_local
 from server.evaluation import HeldOutEvaluator
 

@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 def reference_stats(cfg: DictConfig) -> dict:
     from experiments.train import ConfigError
-    from fl_ser.data.corpus import CorpusError
+    from fl_ser.data.corpus import CorpusError, corpus_from_config
     from fl_ser.privacy.normalization import statistics_of
-    from fl_ser.task import corpus_from_config, extract, extractor_from_config
+    from fl_ser.task import extract, extractor_from_config
 
     if OmegaConf.is_missing(cfg, "out"):
         raise ConfigError("say where to write the statistics: out=FILE (a JSON file)")

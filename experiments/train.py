@@ -30,10 +30,11 @@ class ConfigError(ValueError):
 
 def prepare(cfg: DictConfig) -> DictConfig:
     """Resolve and check the config; returns a plain, fully resolved copy with ``labels`` filled in."""
-    from fl_ser.data.corpus import CorpusError
+    from fl_ser.data.corpus import CorpusError, corpus_from_config
+    from fl_ser.data.partition import split_from_config
     from fl_ser.models.classifiers import build_classifier
     from fl_ser.privacy.accountant import PrivacyBudgetError
-    from fl_ser.task import corpus_from_config, extractor_from_config, split_from_config
+    from fl_ser.task import extractor_from_config
 
     try:
         resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
@@ -101,7 +102,8 @@ def simulate(cfg: DictConfig) -> dict:
     """Run the ServerApp and one ClientApp per training speaker on Flower's simulation engine (Ray)."""
     from clients.client_app import build_client_app
     from experiments.simulation import run_simulation
-    from fl_ser.task import corpus_from_config, split_from_config
+    from fl_ser.data.corpus import corpus_from_config
+    from fl_ser.data.partition import split_from_config
     from server.server_app import build_server_app
 
     num_devices = len(split_from_config(cfg, corpus_from_config(cfg)).train)

@@ -1,14 +1,16 @@
-"""The task, built from one resolved config: corpus, speaker split, on-device features, classifier.
+"""The task, built from one resolved config: on-device features and the classifier.
 
 Both apps call these functions with the same config, so simulation and the
-Deployment Engine build exactly the same experiment. Features are extracted on
-the device that owns the audio and cached on that device's disk
-(``cache_dir``), keyed by the corpus, the feature settings and the speaker.
+Deployment Engine build exactly the same experiment (the corpus and the
+speaker split come from :func:`fl_ser.data.corpus.corpus_from_config` and
+:func:`fl_ser.data.partition.split_from_config`, which need no torch).
+Features are extracted on the device that owns the audio and cached on that
+device's disk (``cache_dir``), keyed by the corpus, the feature settings and
+the speaker.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -22,8 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fl_ser.data.corpus import Corpus, LoadReport
-from fl_ser.data.partition import SpeakerSplit, holdout_split, kfold_splits
+from fl_ser.data.corpus import Corpus, LoadReport, corpus_from_config
 from fl_ser.models.classifiers import build_classifier
 from fl_ser.models.pipeline import EmotionPipeline
 from fl_ser.privacy.ledger import utterance_id
@@ -39,26 +40,6 @@ def _key(*parts) -> str:
 
 def _plain(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-
-
-@functools.lru_cache(maxsize=4)
-def _corpus(data_json: str) -> Corpus:
-    return instantiate(json.loads(data_json))
-
-
-def corpus_from_config(cfg: DictConfig) -> Corpus:
-    return _corpus(json.dumps(_plain(cfg.data), sort_keys=True))
-
-
-def split_from_config(cfg: DictConfig, corpus: Corpus) -> SpeakerSplit:
-    part = cfg.partition
-    speakers = corpus.speakers
-    if part.get("num_folds"):
-        folds = kfold_splits(speakers, int(part.num_folds), seed=int(part.seed), sex_of=corpus.speaker_sex)
-        if not 0 <= int(part.fold) < len(folds):
-            raise ValueError(f"partition.fold={part.fold} is out of range for {len(folds)} folds")
-        return folds[int(part.fold)]
-    return holdout_split(speakers, int(part.num_test_speakers), seed=int(part.seed), sex_of=corpus.speaker_sex)
 
 
 def extractor_from_config(cfg: DictConfig) -> nn.Module:

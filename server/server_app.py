@@ -46,8 +46,10 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
     from flwr.server.workflow import DefaultWorkflow
     from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 
+    from fl_ser.data.corpus import corpus_from_config
+    from fl_ser.data.partition import split_from_config
     from fl_ser.privacy.accountant import user_level_epsilon
-    from fl_ser.task import corpus_from_config, get_arrays, new_classifier, split_from_config
+    from fl_ser.task import get_arrays, new_classifier
     from server.evaluation import HeldOutEvaluator
     from server.grid import prompt_grid
     from server.records import RunRecorder

@@ -175,7 +175,9 @@ def test_devices_failing_on_their_own_data_leak_nothing_to_the_server(tmp_path, 
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
     from experiments.train import run
-    from fl_ser.task import corpus_from_config, speaker_data, split_from_config
+    from fl_ser.data.corpus import corpus_from_config
+    from fl_ser.data.partition import split_from_config
+    from fl_ser.task import speaker_data
     from tests.conftest import make_config
 
     corpus_dir = tmp_path / "corpus"

@@ -105,7 +105,9 @@ def test_superlink_refuses_plaintext_and_unenrolled_supernodes(tmp_path, lab):
 @pytest.fixture(scope="module")
 def device_cache(tmp_path_factory):
     """The devices' feature caches, filled once (as on devices that already took part in a trial)."""
-    from fl_ser.task import corpus_from_config, speaker_data, split_from_config
+    from fl_ser.data.corpus import corpus_from_config
+    from fl_ser.data.partition import split_from_config
+    from fl_ser.task import speaker_data
     from tests.conftest import make_config
 
     tmp = tmp_path_factory.mktemp("devices")

@@ -169,3 +169,37 @@ def test_the_servers_secagg_threshold_is_one_devices_accept(tmp_path, cohort):
     threshold = round(threshold * shares) if isinstance(threshold, float) else threshold
     DevicePolicy(min_cohort=2).check_secagg_setup({"sample_num": cohort, "share_num": shares, "threshold": threshold})
     assert threshold <= shares
+
+
+def test_the_light_secagg_stages_import_no_torch(tmp_path):
+    """Every Deployment-Engine message is a fresh ClientApp process: the boundary, the policy guard and SecAgg+'s
+    setup stage must not import torch (about 8 s of CPU), only the training stage may."""
+    import subprocess
+    import sys
+
+    from fl_ser.run_config import encode
+    from tests.conftest import REPO
+
+    cfg = make_config(tmp_path, *SMALL)
+    (tmp_path / "cfg.json").write_text(encode(cfg))
+    script = f"""
+import sys
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.supercore.task_identity import TaskIdentity
+from clients.client_app import build_client_app
+from fl_ser.run_config import decode
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+cfg = decode(open({str(tmp_path / "cfg.json")!r}).read())
+setup = dict(stage="setup", sample_num=5, share_num=5, threshold=3, clipping_range=8.0, target_range=1 << 22,
+             mod_range=1 << 32, max_weight=1.0, **{{"fl-ser.mask_scheme": "hkdf-sha256+chacha20/v1"}})
+msg = Message(RecordDict({{"secaggplus_configs": ConfigRecord(setup)}}), dst_node_id=1, message_type=MessageType.TRAIN)
+ctx = Context(run_id=1, node_id=1, node_config={{"partition-id": 0, "num-partitions": 5}}, state=RecordDict(),
+              run_config={{}})
+reply = build_client_app(cfg)(msg, ctx)
+assert not reply.has_error(), reply.error
+print("torch" in sys.modules, "opacus" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "False"]

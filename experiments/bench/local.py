@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 from experiments.bench.timing import interleaved_ratio, median_seconds
-from fl_ser.data.corpus import SAMPLE_RATE
+from fl_ser.data.corpus import SAMPLE_RATE, corpus_from_config
+from fl_ser.data.partition import split_from_config
 from fl_ser.features import Functionals, LogMel, MFCCDeltas
 from fl_ser.privacy import normalization
-from fl_ser.task import corpus_from_config, new_classifier, pipeline, speaker_data, split_from_config
+from fl_ser.task import new_classifier, pipeline, speaker_data
 from fl_ser.training import DPSGDConfig, LocalTrainConfig, train_local
 
 
@@ -86,7 +87,8 @@ def int8_accuracy(cfg) -> dict:
     quantisation error depends on the weights' scale, not on how they were learnt.
     """
     from experiments.centralised import fit_centralised
-    from fl_ser.task import corpus_from_config, split_from_config
+    from fl_ser.data.corpus import corpus_from_config
+    from fl_ser.data.partition import split_from_config
     from server.evaluation import HeldOutEvaluator
 
     classifier, _ = fit_centralised(cfg)

@@ -67,7 +67,8 @@ def rehearse_main(cfg: DictConfig) -> None:
 def _rehearse_job(cfg: DictConfig) -> dict:
     from experiments.lab.rehearsal import loopback_federation, rehearse
     from experiments.train import announce, prepare, report
-    from fl_ser.task import corpus_from_config, split_from_config
+    from fl_ser.data.corpus import corpus_from_config
+    from fl_ser.data.partition import split_from_config
     from server.server_app import expected_devices
 
     lab = Lab.load(_REHEARSAL["lab"])

@@ -10,6 +10,8 @@ the server never touches device audio. Audio comes back as float32 mono at
 from __future__ import annotations
 
 import abc
+import functools
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -148,3 +150,17 @@ class Corpus(abc.ABC):
         if report.num_skipped:
             log.warning("%s speaker %s: %s", self.name, speaker, report.summary())
         return kept, waves, report
+
+
+@functools.lru_cache(maxsize=4)
+def _corpus(data_json: str) -> Corpus:
+    from hydra.utils import instantiate
+
+    return instantiate(json.loads(data_json))
+
+
+def corpus_from_config(cfg) -> Corpus:
+    """The corpus an experiment config's ``data`` section names (instantiated once per process; light: no torch)."""
+    from omegaconf import OmegaConf
+
+    return _corpus(json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True))

@@ -61,3 +61,15 @@ def kfold_splits(speakers: list[str], num_folds: int, seed: int = 0,
     order = _sex_interleaved(speakers, sex_of, seed)
     folds = [order[i::num_folds] for i in range(num_folds)]
     return [SpeakerSplit(train=tuple(sorted(set(order) - set(f))), test=tuple(sorted(f))) for f in folds]
+
+
+def split_from_config(cfg, corpus) -> SpeakerSplit:
+    """The experiment's speaker split: ``partition.num_folds``/``fold``, or ``num_test_speakers`` held out."""
+    part = cfg.partition
+    speakers = corpus.speakers
+    if part.get("num_folds"):
+        folds = kfold_splits(speakers, int(part.num_folds), seed=int(part.seed), sex_of=corpus.speaker_sex)
+        if not 0 <= int(part.fold) < len(folds):
+            raise ValueError(f"partition.fold={part.fold} is out of range for {len(folds)} folds")
+        return folds[int(part.fold)]
+    return holdout_split(speakers, int(part.num_test_speakers), seed=int(part.seed), sex_of=corpus.speaker_sex)
