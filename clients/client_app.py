@@ -190,56 +190,15 @@ def check_secagg_range(arrays, weight: float, max_weight: float, clipping_range:
             f"(and aggregation.max_weight if the weight exceeds it), or clip updates with privacy=full.")
 
 
-def private_round(book, data, norm, dp, budget: float, tcfg, classifier, run: str, round_: int) -> dict:
-    """One DP-SGD round under the ledger ``book`` (its lock held): check the lifetime budget, release the
-    normaliser if this data has none yet, train, and record the spend before returning. Returns the metrics
-    (``declined`` 1: nothing was spent and the classifier is untouched)."""
-    import torch
-
-    from fl_ser.privacy.normalization import Statistics
-    from fl_ser.training import planned_entries, train_local
-
-    ids = data.ids
-    stats = book.released_statistics(norm.key, ids) if norm.spends_privacy else None
-    pending = [norm.mechanism()] if norm.spends_privacy and stats is None else []
-    planned = planned_entries(len(data.x), tcfg, dp)
-    before, after = (book.epsilon(ids, dp.delta, dp.accountant, planned=p) for p in ([], [*pending, *planned]))
-    if after > budget:
-        log.warning("declining round %s: its lifetime epsilon would rise from %.3f to %.3f, over its budget %.3f "
-                    "(this run so far %.3f)", round_, before, after, budget,
-                    book.epsilon(ids, dp.delta, dp.accountant, run=run))
-        return {"declined": 1, **epsilons(book, ids, dp, run)}
-    if pending:
-        released = norm.release(data.x)
-        stats = released.to_json()
-        book.record("normalization", pending, ids, run, round_, statistics=(norm.key, stats))
-    with torch.no_grad():
-        x = norm.module(data.x, Statistics.from_json(stats) if stats is not None else None)(data.x)
-    result = train_local(classifier, x, data.y, tcfg, dp=dp)
-    book.record("training", result["spent"], ids, run, round_)  # write-ahead: durable before the update leaves
-    metrics = {"declined": 0, **epsilons(book, ids, dp, run)}
-    log.info("round %s: lifetime epsilon %.3f (this run %.3f; normalisation %.3f, training %.3f) at delta %g",
-             round_, metrics["epsilon"], metrics["epsilon_run"], metrics["epsilon_normalization"],
-             metrics["epsilon_training"], dp.delta)
-    return metrics
-
-
-def epsilons(book, ids, dp, run: str) -> dict[str, float]:
-    """The device's epsilons at its delta: lifetime total, this run's, and the normalisation and training parts."""
-    eps = functools.partial(book.epsilon, ids, dp.delta, dp.accountant)
-    return {"epsilon": eps(), "epsilon_run": eps(run=run), "epsilon_normalization": eps(kinds=("normalization",)),
-            "epsilon_training": eps(kinds=("training",))}
-
-
 def make_client(cfg: DictConfig, context, simulated: bool = True):
     """Build the NumPyClient for this node (torch and the task are imported here, lazily)."""
     from flwr.client import NumPyClient
 
     from fl_ser.metrics import classification_report
     from fl_ser.privacy.accountant import check_delta
-    from fl_ser.privacy.ledger import LifetimeLedger
+    from fl_ser.privacy.ledger import LifetimeLedger, spend_round
     from fl_ser.task import get_arrays, new_classifier, set_arrays
-    from fl_ser.training import LocalTrainConfig, evaluate, train_local
+    from fl_ser.training import LocalTrainConfig, evaluate, planned_entries, train_local
 
     setup = device_setup(cfg, context.node_config, simulated)
     policy = policy_of(cfg, setup, context.node_config)
@@ -261,18 +220,16 @@ def make_client(cfg: DictConfig, context, simulated: bool = True):
             weight = 1 if uniform else len(data.x)
             tcfg = replace(train_cfg, proximal_mu=float(config.get(KEY_PROXIMAL_MU, 0.0)))
             if dp is None:
-                import torch
-
-                with torch.no_grad():
-                    x = norm.module(data.x)(data.x)
-                train_local(classifier, x, data.y, tcfg)
+                train_local(classifier, norm.standardise(data.x), data.y, tcfg)
                 metrics = {"declined": 0}
             else:
                 check_delta(dp.delta, len(data.x), "this device")
                 budget = min(dp.epsilon_budget, policy.epsilon_budget or dp.epsilon_budget)
                 with ledger.open() as book:
-                    metrics = private_round(book, data, norm, dp, budget, tcfg, classifier, run,
-                                            int(config.get(KEY_SERVER_ROUND, 0)))
+                    metrics = spend_round(
+                        book, data, norm, budget, dp.delta, dp.accountant, planned_entries(len(data.x), tcfg, dp),
+                        lambda x: train_local(classifier, x, data.y, tcfg, dp=dp)["spent"], run,
+                        int(config.get(KEY_SERVER_ROUND, 0)))
                 if metrics["declined"]:
                     return parameters, weight, metrics
             arrays = get_arrays(classifier)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fl_ser.protocol import EPSILON_METRICS
+
 log = logging.getLogger("fl_ser.server")
 
 CSV_FIELDS = ["round", "uar", "accuracy", "macro_f1", "loss", "epsilon_sample_max", "epsilon_sample_run_max",
@@ -58,13 +60,12 @@ class RunRecorder:
 
     def epsilon_split(self) -> dict[str, float] | None:
         """The largest lifetime epsilon, this run's, and the normalisation and training parts (None: no DP-SGD)."""
-        names = {"epsilon": "lifetime", "epsilon_run": "this_run", "epsilon_normalization": "normalization",
-                 "epsilon_training": "training"}
+        names = dict(zip(EPSILON_METRICS, ("lifetime", "this_run", "normalization", "training"), strict=True))
         return {names[k]: v for k, v in self.epsilons.items()} or None
 
     # Flower's fit_metrics_aggregation_fn: the devices' plain-text metrics for this round.
     def aggregate_fit_metrics(self, results: list[tuple[int, dict]]) -> dict:
-        for key in ("epsilon", "epsilon_run", "epsilon_normalization", "epsilon_training"):
+        for key in EPSILON_METRICS:
             eps = [float(m[key]) for _, m in results if key in m]
             if eps:
                 self.epsilons[key] = max([*eps, self.epsilons.get(key, 0.0)])

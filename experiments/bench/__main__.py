@@ -39,6 +39,12 @@ def table(bench: dict) -> str:
             (f"SecAgg+ overhead, whole round of the default experiment, {bench['secagg_default_model_devices']} "
              "devices",
              bench["secagg_overhead_default_model"], "<= 1.5"),
+            (f"SecAgg+ mask expansion, fl-ser / Flower ({bench['mask_expansion']['values']:,} values)",
+             bench["mask_expansion"]["ratio"], ""),
+            ("SecAgg+ round's computation in one process, 100 devices, fl-ser / Flower masks (CPU)",
+             bench["secagg_round_compute_cpu_ratio"], "<= 1.05"),
+            ("SecAgg+ round in simulation, 100 devices, fl-ser / Flower masks (median)",
+             bench["mask_prg_round_ratio"], "<= 1.05"),
             ("SecAgg+ per-device work: power-law exponent in n",
              bench["secagg_per_device_growth"]["power_law_exponent"], "~log n"),
             *[(f"feature real-time factor, {k} (1 core)", v, ">= 500") for k, v in bench["feature_rtf"].items()],
@@ -104,6 +110,12 @@ def main() -> None:
     print("secure aggregation ...", flush=True)
     shapes = [tuple(p.shape) for p in new_classifier(cfg, len(cfg.labels)).parameters()]
     bench.update(federation.secagg_overhead(shapes, counts=(3, 5) if args.quick else (10, 50, 100, 200)))
+    print("SecAgg+ masks: fl-ser's ChaCha20 against Flower's 32-bit-seeded Mersenne Twister ...", flush=True)
+    bench["mask_expansion"] = federation.mask_expansion_cost(shapes, repeats=20 if args.quick else 2000)
+    bench.update(federation.secagg_round_compute(shapes, num_devices=3 if args.quick else 100,
+                                                 repeats=1 if args.quick else 5))
+    bench.update(federation.mask_prg_overhead(shapes, num_devices=3 if args.quick else 100,
+                                              alternations=1 if args.quick else 2))
     devices = 3 if args.quick else 100
     whole = (f"data.num_speakers={devices + 4}", "partition.num_test_speakers=4", "rounds=4", "release.deploy=false",
              *(("data.utterances_per_emotion=2",) if args.quick else ()))

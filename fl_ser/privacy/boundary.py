@@ -59,9 +59,9 @@ from pathlib import Path
 import numpy as np
 
 from fl_ser.privacy.refusals import DeviceRefusal
-from fl_ser.protocol import MASK_SCHEME_KEY, PublicError
+from fl_ser.protocol import EPSILON_METRICS, MASK_SCHEME_KEY, PublicError
 
-TRAIN_METRICS = frozenset({"epsilon", "epsilon_run", "epsilon_normalization", "epsilon_training", "declined"})
+TRAIN_METRICS = frozenset({*EPSILON_METRICS, "declined"})
 EVALUATE_METRICS = frozenset({"uar", "accuracy", "num_utterances", "epsilon"})
 
 SECAGG = "secaggplus_configs"

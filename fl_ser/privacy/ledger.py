@@ -25,6 +25,10 @@ does not parse, fails its checksum, or has gone missing while the folder's
 index (``index.json``) says it existed raises
 :class:`~fl_ser.privacy.refusals.LedgerUnavailable`, and the device refuses to
 train until a person restores it (the message names the file).
+
+:func:`spend_round` is how a device spends: one DP-SGD round under its open
+book, lifetime budget checked first, normaliser released if its data has none
+yet, the spend recorded before anything derived from it can leave.
 """
 
 from __future__ import annotations
@@ -34,16 +38,20 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from fl_ser.privacy.accountant import Entry, epsilon
 from fl_ser.privacy.refusals import LedgerUnavailable
+from fl_ser.protocol import EPSILON_METRICS
+
+log = logging.getLogger("fl_ser.device")
 
 FORMAT = "fl-ser.ledger/1"
 INDEX = "index.json"
@@ -134,6 +142,15 @@ class Book:
         groups = self.entries(ids, kinds, run) if ids else []
         return max((epsilon([*g, *planned], delta, mechanism) for g in groups), default=epsilon(planned, delta,
                                                                                               mechanism))
+
+    def epsilons(self, ids: Iterable[str], delta: float, mechanism: str, run: str) -> dict[str, float]:
+        """The device's reported epsilons (:data:`~fl_ser.protocol.EPSILON_METRICS`): lifetime total, this run's,
+        and the normalisation and training parts."""
+        ids = list(ids)
+        values = (self.epsilon(ids, delta, mechanism), self.epsilon(ids, delta, mechanism, run=run),
+                  self.epsilon(ids, delta, mechanism, kinds=("normalization",)),
+                  self.epsilon(ids, delta, mechanism, kinds=("training",)))
+        return dict(zip(EPSILON_METRICS, values, strict=True))
 
     def released_statistics(self, key: str, ids: Iterable[str]) -> dict | None:
         """A normaliser release made earlier for exactly these utterances and settings (reusing it is free)."""
@@ -236,3 +253,35 @@ class LifetimeLedger:
             index = self._index()
             index[self.name] = ledger_id
             write_atomically(self.folder / INDEX, json.dumps({"ledgers": index}, indent=1, sort_keys=True) + "\n")
+
+
+def spend_round(book: Book, data, norm, budget: float, delta: float, mechanism: str, planned: list[Entry],
+                train: Callable, run: str, round_: int | None) -> dict:
+    """One DP-SGD round of the device holding ``data`` (its features ``x`` and utterance ``ids``) under the open
+    ``book``: decline if it would take any utterance past ``budget``; release the normaliser ``norm`` if this
+    data has no release yet (recorded before use); ``train(x)`` on the standardised features, returning the
+    accountant entries it spent; record them before returning. Returns the metrics (``declined`` 1: nothing was
+    spent and nothing trained)."""
+    import torch
+
+    from fl_ser.privacy.normalization import Statistics
+
+    ids = data.ids
+    stats = book.released_statistics(norm.key, ids) if norm.spends_privacy else None
+    pending = [norm.mechanism()] if norm.spends_privacy and stats is None else []
+    before = book.epsilon(ids, delta, mechanism)
+    after = book.epsilon(ids, delta, mechanism, planned=[*pending, *planned])
+    if after > budget:
+        log.warning("declining round %s: its lifetime epsilon would rise from %.3f to %.3f, over its budget %.3f",
+                    round_, before, after, budget)
+        return {"declined": 1, **book.epsilons(ids, delta, mechanism, run)}
+    if pending:
+        stats = norm.release(data.x).to_json()
+        book.record("normalization", pending, ids, run, round_, statistics=(norm.key, stats))
+    with torch.no_grad():
+        x = norm.module(data.x, Statistics.from_json(stats) if stats is not None else None)(data.x)
+    book.record("training", train(x), ids, run, round_)  # write-ahead: durable before the update leaves
+    metrics = {"declined": 0, **book.epsilons(ids, delta, mechanism, run)}
+    log.info("round %s: lifetime epsilon %.3f (this run %.3f; normalisation %.3f, training %.3f) at delta %g",
+             round_, *(metrics[k] for k in EPSILON_METRICS), delta)
+    return metrics

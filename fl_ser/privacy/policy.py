@@ -34,18 +34,18 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 
+from fl_ser.privacy.boundary import SECAGG
 from fl_ser.privacy.refusals import PolicyRefused
 from fl_ser.protocol import KEY_CLIPPING_NORM, KEY_DEVICE_NOISE_STD
 
 log = logging.getLogger("fl_ser.device")
 
 POLICY_FILE = "privacy_policy.yaml"
-SECAGG = "secaggplus_configs"
 FIT_CONFIG = "fitins.config"
 #: Relative slack when comparing a server's float (e.g. a noise std it computed) with the policy's own value.
 TOLERANCE = 1e-9
@@ -197,9 +197,6 @@ class DevicePolicy:
             return replace(defaults, **data)
         except (TypeError, ValueError) as err:
             raise PolicyRefused(f"privacy policy {path}: {err}") from None
-
-    def describe(self) -> dict:
-        return asdict(self)
 
 
 def device_policy(cfg, node_config, device_dir: str | None, cohort: int | None) -> DevicePolicy:
