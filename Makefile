@@ -8,7 +8,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 OUT ?= outputs/bench
 
-.PHONY: run test bench lint clean-venv
+.PHONY: run test bench soak lint clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m experiments.bench --out $(OUT)
+
+# The load soak (hours: 1,000 devices, 50 per round, 200 rounds, full privacy stack); not part of `make test`.
+soak: $(STAMP)
+	$(PY) -m experiments.soak --out outputs/soak
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

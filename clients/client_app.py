@@ -14,9 +14,14 @@ utterances past its lifetime budget. Around that, in privacy order:
    device's local log;
 2. the device's policy guard (:mod:`fl_ser.privacy.policy`): a request weaker
    than the device's own policy is refused before anything is computed;
-3. SecAgg+ (:func:`fl_ser.flower_compat.secaggplus_mod`): quantises and masks;
+3. SecAgg+ (:func:`fl_ser.flower_compat.secaggplus_mod`): quantises and masks the final update, refusing
+   one that does not fit its quantisation range;
 4. the update mod: clips the update and adds the device's user-level noise
    share, with the settings the guard approved.
+
+Outside all of them, only when the experiment's ``faults`` block injects faults
+(tests, rehearsals), :mod:`clients.faults` loses or corrupts replies as a flaky
+network or a crashing process would.
 
 After the last round it receives the released model and keeps it in its
 versioned model store.
@@ -147,7 +152,8 @@ def _local_data(cfg_json: str, setup: DeviceSetup):
     from fl_ser.task import speaker_data
 
     cfg = decode(cfg_json)
-    corpus = None if setup.data_dir is None else DeviceFolder(setup.data_dir, setup.speaker)
+    corpus = None if setup.data_dir is None else DeviceFolder(setup.data_dir, setup.speaker,
+                                                              audio=cfg.data.get("audio"))
     return speaker_data(cfg, setup.speaker, corpus=corpus, cache_dir=setup.cache_dir)
 
 
@@ -180,16 +186,6 @@ def dp_config(cfg: DictConfig):
                        vetted_noise=bool(dp.vetted_noise))
 
 
-def check_secagg_range(arrays, weight: float, max_weight: float, clipping_range: float) -> None:
-    """SecAgg+ silently clips weighted values to +-clipping_range before quantising; refuse instead of corrupting."""
-    peak = max(float(abs(a).max()) for a in arrays) * weight / max_weight
-    if peak > 0.9 * clipping_range or weight > max_weight:
-        raise ValueError(
-            f"the update does not fit SecAgg+'s quantisation range: weighted peak {peak:.3g} vs clipping_range "
-            f"{clipping_range} (weight {weight}, max_weight {max_weight}). Raise aggregation.clipping_range "
-            f"(and aggregation.max_weight if the weight exceeds it), or clip updates with privacy=full.")
-
-
 def make_client(cfg: DictConfig, context, simulated: bool = True):
     """Build the NumPyClient for this node (torch and the task are imported here, lazily)."""
     from flwr.client import NumPyClient
@@ -207,10 +203,9 @@ def make_client(cfg: DictConfig, context, simulated: bool = True):
     dp = dp_config(cfg)
     norm = normalization(cfg)
     uniform = bool(cfg.privacy.update_clipping.enabled)
-    secure = cfg.aggregation.name == "secagg_plus"
     train_cfg = LocalTrainConfig(**OmegaConf.to_container(cfg.train))
     ledger = LifetimeLedger(setup.ledger_dir, setup.ledger_name)
-    run = str(context.run_id)
+    run = str(cfg.get("run_uid") or context.run_id)  # fl-ser's run, the same across a resume
 
     class EmotionClient(NumPyClient):
         def fit(self, parameters, config):
@@ -232,11 +227,7 @@ def make_client(cfg: DictConfig, context, simulated: bool = True):
                         int(config.get(KEY_SERVER_ROUND, 0)))
                 if metrics["declined"]:
                     return parameters, weight, metrics
-            arrays = get_arrays(classifier)
-            if secure:
-                check_secagg_range(arrays, weight, float(cfg.aggregation.max_weight) if not uniform else 1.0,
-                                   float(cfg.aggregation.clipping_range))
-            return arrays, weight, metrics
+            return get_arrays(classifier), weight, metrics
 
         def evaluate(self, parameters, config):
             data = local_data(cfg, setup)
@@ -330,6 +321,7 @@ def build_client_app(cfg: DictConfig | None = None):
     from flwr.client import ClientApp
     from flwr.client.mod.utils import make_ffn
 
+    from clients.faults import fault_mods
     from fl_ser.privacy.boundary import guard, local_log
 
     text = None if cfg is None else encode(cfg)
@@ -359,7 +351,7 @@ def build_client_app(cfg: DictConfig | None = None):
                          audit_dir=setting(lambda c: c.privacy.get("audit_dir")))
 
     return ClientApp(client_fn=lambda context: make_client(resolve(context)[0], context, simulated),
-                     mods=[device_mod])
+                     mods=[*fault_mods(cfg, resolve), device_mod])  # faults: the network's, outside the device
 
 
 app = build_client_app()

@@ -1,26 +1,31 @@
 """Check a participant's folder before a trial: every problem, with its file and line, and whether it is usable.
 
     python -m clients.validate DATA_DIR [--labels anger,boredom,...] [--min-utterances N]
-                               [--min-per-emotion K] [--json]
+                               [--min-per-emotion K] [--min-sample-rate HZ] [--max-seconds S]
+                               [--long-files skip|crop] [--json] ...
 
 The folder is what :class:`~fl_ser.data.loaders.DeviceFolder` reads: WAV files plus
 ``labels.csv`` with header ``file,emotion``. Errors make the folder unusable as it is
 (exit status 1); warnings do not (exit status 0); usage errors exit with 2.
 
-Errors: a missing folder or ``labels.csv``, a missing column, a bad row (empty value,
-unknown emotion, a file outside the folder, a file listed twice), a listed file that is
-missing or that :func:`~fl_ser.data.audio.read_audio` rejects (unreadable, empty, too
-short, silent), an emotion outside ``--labels`` (the experiment's label set), a file
-recorded below 16 kHz, too few usable utterances overall or of an emotion present.
+Errors: a missing folder or ``labels.csv``, a table that is not UTF-8 CSV or lacks a column,
+a bad row (empty value, unknown emotion, a file outside the folder, a file listed twice), an
+emotion outside ``--labels`` (the experiment's label set), a listed file that
+:func:`~fl_ser.data.audio.load_audio` refuses, and too few usable utterances overall or of
+an emotion present. Refused files are counted by the reasons the loaders count
+(``fl_ser.data.audio.REASONS``, e.g. non-finite, too long, low sample rate), under the same
+audio policy, whose settings are options here (``--min-sample-rate``, ``--max-seconds``,
+``--long-files`` ...; defaults as in the experiment's ``data.audio``).
 
 Files recorded below 16 kHz are errors, not warnings: the features use the whole band up
 to 8 kHz (mel bands, alpha ratio 1-5 kHz, Hammarberg index 2-5 kHz), which upsampling
 cannot restore, so such a device's features (and the updates it trains) would differ
 systematically from everyone else's. Re-record at 16 kHz or more.
 
-Warnings: files at other rates above 16 kHz (resampled when read), WAV files in the folder
-that ``labels.csv`` does not list (ignored), two rows with identical audio, and emotions of
-``--labels`` with no usable recording. Nothing is sent anywhere.
+Warnings: files at other rates above 16 kHz (resampled when read), clipped or cropped files
+(``fl_ser.data.audio.NOTES``: kept), WAV files in the folder that ``labels.csv`` does not
+list (ignored), two rows with identical audio, and emotions of ``--labels`` with no usable
+recording. Nothing is sent anywhere.
 """
 
 from __future__ import annotations
@@ -29,14 +34,12 @@ import argparse
 import hashlib
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import soundfile as sf
-
 from clients.cli import EXIT_FAILED, EXIT_OK, table, to_json
-from fl_ser.data.audio import AudioError, read_audio
-from fl_ser.data.corpus import EMOTIONS, SAMPLE_RATE, CorpusError
+from fl_ser.data.audio import LONG_FILES, NOTES, AudioError, AudioPolicy, load_audio
+from fl_ser.data.corpus import EMOTIONS, SAMPLE_RATE, CorpusError, LoadReport
 from fl_ser.data.loaders import DeviceFolder, normalise_emotion, wav_files
 
 #: Defaults: enough utterances for a useful local update, and for a personalisation hold-out per emotion.
@@ -64,6 +67,7 @@ class ValidationReport:
     counts: dict[str, int] = field(default_factory=dict)  # usable utterances per emotion
     durations: dict[str, float] = field(default_factory=dict)  # seconds per usable file (labels.csv path)
     sample_rates: dict[str, int] = field(default_factory=dict)  # native rate per usable file
+    audio: LoadReport = field(default_factory=LoadReport)  # listed files read, skipped (by reason) and noted
 
     @property
     def ok(self) -> bool:
@@ -89,30 +93,13 @@ class ValidationReport:
         lines += [f"WARNING  {p}" for p in self.warnings]
         if self.counts:
             lines += ["", table(["emotion", "utterances"], list(self.counts.items())), ""]
-        lines.append(self.summary())
+        lines += [f"audio files: {self.audio.summary()}", self.summary()]
         return "\n".join(lines)
 
 
 def _named(files: list[str]) -> str:
     more = f" and {len(files) - _LIST_AT_MOST} more" if len(files) > _LIST_AT_MOST else ""
     return ", ".join(files[:_LIST_AT_MOST]) + more
-
-
-def _audio_problem(source: Path) -> str | None:
-    """Why a listed file cannot be used as it is (and the fix), or None."""
-    if not source.is_file():
-        return "the file does not exist; add it to the folder or remove the row"
-    try:
-        read_audio(source)
-    except AudioError as err:
-        return f"{err.reason} audio ({err.detail}); replace the recording or remove the row"
-    rate = sf.info(str(source)).samplerate
-    if rate < SAMPLE_RATE:
-        return (
-            f"recorded at {rate} Hz, below the {SAMPLE_RATE} Hz the features need (upsampling cannot restore "
-            "the missing band); re-record at 16 kHz or more"
-        )
-    return None
 
 
 def _amount_problems(
@@ -140,8 +127,10 @@ def validate_folder(
     labels: list[str] | None = None,
     min_utterances: int = MIN_UTTERANCES,
     min_per_emotion: int = MIN_PER_EMOTION,
+    audio: AudioPolicy | None = None,
 ) -> ValidationReport:
-    """Check a participant folder (see the module docstring); ``labels`` is the experiment's label set, if known."""
+    """Check a participant folder (see the module docstring); ``labels`` is the experiment's label set, if known,
+    and ``audio`` the experiment's audio policy (default: :class:`~fl_ser.data.audio.AudioPolicy`'s defaults)."""
     folder = Path(path).expanduser()
     report = ValidationReport(str(folder))
     if not folder.is_dir():
@@ -165,33 +154,39 @@ def validate_folder(
             continue
         utt, source = row.utterance, Path(row.utterance.source)
         where = f"{where} ({utt.uid})"
-        listed.add(source.resolve())
+        listed.add(source)
         if labels is not None and utt.emotion not in labels:
-            problem = (
-                f"emotion {utt.emotion!r} is not in the experiment's label set {labels}; relabel or remove the row"
-            )
-        else:
-            problem = _audio_problem(source)
-        if problem:
-            report.errors.append(Problem(where, problem))
+            problem = f"emotion {utt.emotion!r} is not in the experiment's label set {labels}"
+            report.errors.append(Problem(where, f"{problem}; relabel or remove the row"))
             continue
-        info = sf.info(str(source))
-        report.sample_rates[utt.uid] = int(info.samplerate)
-        report.durations[utt.uid] = float(info.duration)
+        try:
+            loaded = load_audio(source, audio)
+        except AudioError as err:
+            report.audio.skip(err.reason, utt.uid)
+            report.errors.append(Problem(where, f"{err.reason} audio ({err.detail}); {err.fix}"))
+            continue
+        for note in loaded.notes:
+            report.audio.note(note, utt.uid)
+        report.sample_rates[utt.uid] = loaded.rate
+        report.durations[utt.uid] = len(loaded.wave) / SAMPLE_RATE
         counts[utt.emotion] += 1
-        if info.samplerate != SAMPLE_RATE:
-            resampled.setdefault(int(info.samplerate), []).append(utt.uid)
-        digest = hashlib.sha256(source.read_bytes()).hexdigest()
+        if loaded.rate != SAMPLE_RATE:
+            resampled.setdefault(loaded.rate, []).append(utt.uid)
+        with open(source, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
         if digest in first_with_audio:
             report.warnings.append(
                 Problem(where, f"same audio as {first_with_audio[digest]}; remove one unless both are intended")
             )
         first_with_audio.setdefault(digest, where)
 
+    report.audio.loaded = sum(counts.values())
     for rate, files in sorted(resampled.items()):
         report.warnings.append(
             Problem(_named(files), f"recorded at {rate} Hz; will be resampled to {SAMPLE_RATE} Hz when read")
         )
+    for note, files in sorted(report.audio.noted.items()):
+        report.warnings.append(Problem(_named(files), f"{note}: {NOTES[note]}"))
     for wav in wav_files(folder, recursive=True):
         if wav.resolve() not in listed:
             name = wav.relative_to(folder).as_posix()
@@ -228,8 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-utterances", type=_count, default=MIN_UTTERANCES, metavar="N")
     parser.add_argument("--min-per-emotion", type=_count, default=MIN_PER_EMOTION, metavar="K")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    for setting in fields(AudioPolicy):  # the audio policy's settings, named as in the experiment's data.audio
+        parser.add_argument(f"--{setting.name.replace('_', '-')}", type=type(setting.default), default=setting.default,
+                            choices=LONG_FILES if setting.name == "long_files" else None,
+                            help=f"audio policy (fl_ser.data.audio.AudioPolicy); default {setting.default}")
     args = parser.parse_args(argv)
-    report = validate_folder(args.data_dir, args.labels, args.min_utterances, args.min_per_emotion)
+    try:
+        audio = AudioPolicy(**{setting.name: getattr(args, setting.name) for setting in fields(AudioPolicy)})
+    except ValueError as err:
+        parser.error(str(err))
+    report = validate_folder(args.data_dir, args.labels, args.min_utterances, args.min_per_emotion, audio)
     print(to_json(report.to_dict()) if args.json else report.text())
     return EXIT_OK if report.ok else EXIT_FAILED
 

@@ -94,7 +94,7 @@ def follow(cfg: DictConfig, run_id: int, env: dict[str, str], on_poll=None) -> d
     try:
         while True:
             status, sub, details = follower.status(run_id)
-            shown = _show_rounds(run_dir, shown)
+            shown = _show_rounds(run_dir, shown, int(cfg.rounds))
             if status == "finished":
                 break
             if on_poll is not None:
@@ -114,19 +114,19 @@ def follow(cfg: DictConfig, run_id: int, env: dict[str, str], on_poll=None) -> d
     return json.loads(summary.read_text())
 
 
-def _show_rounds(run_dir: Path, shown: int) -> int:
+def _show_rounds(run_dir: Path, shown: int, total_rounds: int) -> int:
     """Print the rounds the ServerApp has recorded since the last poll (progress for long runs)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return shown
+    from server.records import round_line
+
     rows = path.read_text().splitlines()
+    if len(rows) < shown:  # a resumed run rewrote the file without the round that was in flight
+        shown = 0
     for line in rows[shown:]:
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        dropped = f" | dropped {', '.join(row['dropped'])}" if row.get("dropped") else ""
-        print(f"round {row['round']:3d} | UAR {row['uar']:.3f} | participants {row['participants']}{dropped} | "
-              f"{row['seconds']:.1f} s", flush=True)
+        if line.strip():
+            print(round_line(json.loads(line), total_rounds), flush=True)
     return len(rows)
 
 

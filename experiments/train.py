@@ -6,7 +6,14 @@ writes it to ``<run dir>/config.yaml``, runs the Flower ServerApp and ClientApps
 on the simulation engine (``federation=simulation``) or submits them to a
 SuperLink (``federation=deployment``, see :mod:`experiments.deployment`), and
 prints the summary. Outputs land in the Hydra run
-dir (``hydra.run.dir=DIR`` is respected).
+dir (``hydra.run.dir=DIR`` is respected); a run dir that already holds a run is
+refused, never overwritten.
+
+``python -m experiments.train resume=RUN_DIR`` continues a run that was killed or
+stopped, from its last completed round, with the run dir's own ``config.yaml``
+(:func:`resumed`): only operational settings (:data:`RESUMABLE`) may be
+overridden. The server's state comes from ``checkpoints/state.npz``
+(:mod:`server.checkpoint`), the devices' spending from their own ledgers.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import uuid
 from pathlib import Path
 
 import hydra
@@ -30,6 +38,7 @@ class ConfigError(ValueError):
 
 def prepare(cfg: DictConfig) -> DictConfig:
     """Resolve and check the config; returns a plain, fully resolved copy with ``labels`` filled in."""
+    from clients.faults import FaultConfigError, FaultPlan
     from fl_ser.data.corpus import CorpusError, corpus_from_config
     from fl_ser.data.partition import split_from_config
     from fl_ser.models.classifiers import build_classifier
@@ -46,7 +55,16 @@ def prepare(cfg: DictConfig) -> DictConfig:
         split = split_from_config(resolved, corpus)
     except (CorpusError, InstantiationException) as err:  # Hydra wraps the loader's own error
         raise ConfigError(str(err.__cause__ or err)) from err
+    if resolved.get("labels") and list(resolved.labels) != list(corpus.emotions):  # a resumed run's config
+        raise ConfigError(f"the corpus now has the emotions {list(corpus.emotions)}, but the run was started with "
+                          f"{list(resolved.labels)}: its data changed, so it cannot be resumed; start a new run")
     resolved.labels = list(corpus.emotions)
+    if not resolved.get("run_uid"):
+        resolved.run_uid = uuid.uuid4().hex[:16]
+    try:
+        FaultPlan.from_config(resolved.get("faults"))  # a bad fault-injection block fails here, not on a device
+    except FaultConfigError as err:
+        raise ConfigError(str(err)) from None
     ext = extractor_from_config(resolved)
     try:
         build_classifier(resolved.model, ext.output_shape, ext.kind, len(corpus.emotions))
@@ -57,6 +75,45 @@ def prepare(cfg: DictConfig) -> DictConfig:
     except PrivacyBudgetError as err:
         raise ConfigError(str(err)) from err
     return resolved
+
+
+#: Settings a resumed run may change: how and where it runs, never what it computes or spends.
+RESUMABLE = ("verbose", "federation.num_cpus", "federation.client_cpus", "federation.ray_address",
+             "federation.reply_timeout_s", "federation.poll_interval_s", "federation.run_timeout_s",
+             "federation.superlink", "federation.root_certificates", "federation.max_empty_rounds")
+
+
+def resumed(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The config of the run in ``cfg.resume``, checked again, with the operational ``overrides`` applied; any
+    other override is refused, as is a run dir that holds no run or a finished one."""
+    from server.records import earlier_results
+
+    run_dir = Path(str(cfg.resume)).expanduser()
+    stored_path = run_dir / "config.yaml"
+    if not stored_path.is_file():
+        raise ConfigError(f"resume={cfg.resume}: {stored_path} does not exist, so this is not an fl-ser run dir. "
+                          "Give the dir a run printed when it started (`... -> DIR`).")
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("status", "completed") == "completed":
+        raise ConfigError(f"resume={cfg.resume}: that run completed (see {summary}); nothing to resume. Start a new "
+                          "run in a new dir for more rounds.")
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    refused = [k for k in keys if k not in RESUMABLE and k != "resume" and not k.startswith("hydra.")]
+    if refused:
+        raise ConfigError(f"resume continues the run exactly as {stored_path} describes; overriding "
+                          f"{', '.join(refused)} would change the experiment. Only these may change: "
+                          f"{', '.join(RESUMABLE)}. For a different experiment start a new run in a new dir.")
+    stored = OmegaConf.load(stored_path)
+    if Path(str(stored.run_dir)).resolve() != run_dir.resolve():
+        raise ConfigError(f"resume={cfg.resume}: the run was started in {stored.run_dir} and its devices' ledgers "
+                          "and paths refer to it; resume it from where it was started (same working directory).")
+    for key in keys:
+        if key in RESUMABLE:
+            OmegaConf.update(stored, key, OmegaConf.select(cfg, key), force_add=True)
+    stored.resume = str(run_dir.resolve())
+    if not earlier_results(run_dir):
+        log.warning("%s holds no completed round yet: the run starts again from round 1", run_dir)
+    return prepare(stored)
 
 
 def check_privacy(cfg: DictConfig, corpus, split) -> None:
@@ -138,10 +195,22 @@ def quiet_console() -> None:
 
 
 def announce(resolved: DictConfig) -> None:
-    """Set up the run dir and the environment for Flower, and say what is about to run."""
+    """Set up the run dir (refusing one that holds a run, unless resuming it) and the environment for Flower,
+    and say what is about to run."""
+    from fl_ser.durable import write_atomically
+    from server.records import RunDirInUse, refuse_reuse
+
     run_dir = Path(resolved.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    if not resolved.get("resume"):
+        try:
+            refuse_reuse(run_dir)
+        except RunDirInUse as err:
+            raise ConfigError(str(err)) from None
+        if (run_dir / "config.yaml").exists():  # a run that died before its first round: still a run
+            raise ConfigError(f"run dir {run_dir} already holds a run's config.yaml; continue it with "
+                              f"`python -m experiments.train resume={run_dir}`, or give a new dir (hydra.run.dir=DIR)")
+        write_atomically(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
     # Nothing depends on the user's home Flower configuration; no runtime dependency installs.
     os.environ["FLWR_HOME"] = str(run_dir / ".flwr")
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
@@ -149,12 +218,23 @@ def announce(resolved: DictConfig) -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if not resolved.verbose:
         quiet_console()
-    print(f"fl-ser: {len(resolved.labels)} emotions, privacy={resolved.privacy.name}, "
-          f"aggregation={resolved.aggregation.name}, {resolved.rounds} rounds on {resolved.federation.engine} "
-          f"-> {run_dir}", flush=True)
+    what = "resuming" if resolved.get("resume") else f"{len(resolved.labels)} emotions,"
+    print(f"fl-ser: {what} privacy={resolved.privacy.name}, aggregation={resolved.aggregation.name}, "
+          f"{resolved.rounds} rounds on {resolved.federation.engine} -> {run_dir}", flush=True)
+
+
+class RunFailed(RuntimeError):
+    """The run ended without a trained model (stopped, or nothing aggregated); the message says why."""
 
 
 def report(resolved: DictConfig, summary: dict) -> None:
+    """Print the outcome; a run that did not train raises :class:`RunFailed` (never a 'done' line)."""
+    for warning in summary.get("warnings", []):
+        print(f"fl-ser: WARNING: {warning}", file=sys.stderr, flush=True)
+    if summary.get("status", "completed") != "completed":
+        raise RunFailed(f"the run {summary['status']} after {summary.get('rounds_completed', 0)} of "
+                        f"{summary['rounds']} rounds: {summary.get('error') or 'no round aggregated any update'}. "
+                        f"No model was released. Details: {resolved.run_dir}/summary.json")
     chance = 1 / len(resolved.labels)
     print(f"done in {summary['wall_s']:.0f} s: held-out UAR {summary['uar']:.3f} (chance {chance:.3f}), "
           f"accuracy {summary['accuracy']:.3f}, macro-F1 {summary['macro_f1']:.3f}, "
@@ -162,8 +242,9 @@ def report(resolved: DictConfig, summary: dict) -> None:
           f"{resolved.run_dir}/summary.json", flush=True)
 
 
-def run(cfg: DictConfig) -> dict:
-    resolved = prepare(cfg)
+def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
+    """Run (or, with ``resume``, continue) the experiment; ``overrides`` are the command line's (for resume)."""
+    resolved = resumed(cfg, overrides or []) if cfg.get("resume") else prepare(cfg)
     announce(resolved)
     if resolved.federation.engine == "deployment":
         from experiments.deployment import run_deployment
@@ -190,14 +271,17 @@ def cli(job, cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"fl-ser: configuration error: {err}", file=sys.stderr)
         sys.exit(2)
-    except DeploymentError as err:
+    except (DeploymentError, RunFailed) as err:
         print(f"fl-ser: {err}", file=sys.stderr)
         sys.exit(1)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    cli(run, cfg)
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task)
+    cli(lambda c: run(c, overrides), cfg)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,32 @@ what a Flower upgrade must recheck):
   ``pseudo_rand_gen`` in Flower's ``secaggplus_workflow`` module: fast
   recombination, and the masks the devices use. Recheck ``unmask_stage``.
 - ``secagg-setup-stage`` (:class:`SecAggPlus`, a subclass of Flower's
-  ``SecAggPlusWorkflow``): a device that missed the setup stage made every
-  survivor fail at unmasking (KeyError), so it is pruned after setup; the setup
-  message announces :data:`~fl_ser.protocol.MASK_SCHEME` and a reply that does
-  not echo it counts as a failed device. Recheck whether Flower now prunes
-  setup dropouts itself, ``WorkflowState``'s fields, and that setup still goes
-  through ``grid.send_and_receive`` with the ``secaggplus_configs`` record.
+  ``SecAggPlusWorkflow``): a device that missed the setup or the share-keys
+  stage made every survivor fail at unmasking (KeyError), so it is pruned after
+  each of those stages; the setup message announces
+  :data:`~fl_ser.protocol.MASK_SCHEME` and a reply that does not echo it counts
+  as a failed device. Recheck whether Flower now prunes those dropouts itself,
+  ``WorkflowState``'s fields, and that setup still goes through
+  ``grid.send_and_receive`` with the ``secaggplus_configs`` record.
+- ``secagg-reply-check`` (:class:`SecAggPlus`): the grid each of
+  ``SecAggPlusWorkflow``'s four stages sends and receives through, wrapped
+  (:class:`_StageGrid`) to report who was asked and who answered at each stage
+  (:attr:`SecAggPlus.round_report`), and to drop a masked vector that is not
+  integers of the model's size below the modulus before
+  ``collect_masked_vectors_stage`` sums it (Flower sums whatever arrives: one bad
+  vector corrupted the aggregate); the device then counts as dropped at that
+  stage and Flower's recovery removes its masks. Recheck that every stage still
+  sends through ``grid.send_and_receive`` with the stage in the
+  ``secaggplus_configs`` record, that ``collect_masked_vectors_stage`` sums
+  exactly the replies it gets back, and the masked vector's layout (the weight
+  factor first, ``factor_extract``).
+- ``secagg-quantisation-range`` (:func:`check_quantisation_range`, run by
+  :func:`secaggplus_mod`): replaces nothing; it reads the ``clipping_range`` and
+  ``max_weight`` of the SecAgg+ setup from the state Flower's device mod keeps in
+  the node state, to refuse (at the masked-vector stage, after the device's
+  clipping and noise share, before quantisation) an update that Flower's
+  quantiser would clip silently. Recheck ``SecAggPlusState``'s fields, the state
+  record's name and ``_collect_masked_vectors``'s weighting and quantisation.
 - ``simulation-dispatch`` (:func:`proportional_dispatch`):
   ``vce_api.add_messages_to_queue``. Flower's dispatcher asks the in-memory
   LinkState for each virtual node's next message every 0.1 s, and each ask scans
@@ -55,6 +75,18 @@ what a Flower upgrade must recheck):
   ``flower_supernode._parse_args_run_supernode``, to read the SuperNode's
   options and start the warm SuperExec beside it. Recheck ``--isolation`` and
   the runtime API address options (``host``, ``port``).
+- ``resumable-rounds`` (:class:`ResumableWorkflow`): ``DefaultWorkflow.__call__``,
+  whose loop always starts at round 1 from the strategy's initial parameters; a
+  resumed run (``resume=RUN_DIR``) starts after its last checkpointed round, and
+  every round ends with a hook that checkpoints the server's state. Recheck the
+  steps of ``DefaultWorkflow.__call__`` and the ``MAIN_CONFIGS_RECORD`` keys.
+- ``csprng-sampling`` (:func:`csprng_client_manager`):
+  ``SimpleClientManager.sample``, which draws cohorts from the ``random`` module's
+  Mersenne Twister (predictable from 624 outputs). Privacy amplification by
+  subsampling assumes cohorts nobody can predict, so cohorts come from the OS
+  CSPRNG: there is no generator state to save, and a resumed run's cohorts are as
+  unpredictable as an uninterrupted run's. Recheck ``wait_for``, ``clients`` and
+  ``sample``'s signature.
 
 Importing this module is light: the standard library, fl-ser's protocol names
 and the parts of ``flwr`` that ``import flwr`` loads anyway (device processes
@@ -77,7 +109,7 @@ import types
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from logging import WARNING
+from logging import INFO, WARNING
 
 import flwr
 from flwr.app import Message
@@ -88,6 +120,7 @@ from flwr.supercore import log
 
 from fl_ser.privacy.refusals import IncompatibleProtocol
 from fl_ser.protocol import MASK_SCHEME, MASK_SCHEME_KEY, PublicError
+from fl_ser.round_report import NO_REPLY, RoundReport, error_cause
 
 FLOWER_VERSION = "1.42.0"  # the pin in pyproject.toml; every patch below was read against this version
 
@@ -185,10 +218,20 @@ SECAGG_SERVER = Patch(
     "secagg-server-crypto", f"combine_shares and pseudo_rand_gen in {SECAGG_SERVER_MODULE}",
     "that SecAggPlusWorkflow.unmask_stage still calls them from its module")
 SECAGG_SETUP = Patch(
-    "secagg-setup-stage", "SecAggPlusWorkflow.setup_stage (fl-ser's SecAggPlus subclass)",
-    "whether Flower still keeps devices that missed setup among the sampled ones (then the prune is still "
-    "needed), WorkflowState's fields, and that setup_stage still sends the secaggplus_configs record through "
-    "grid.send_and_receive")
+    "secagg-setup-stage", "SecAggPlusWorkflow.setup_stage and share_keys_stage (fl-ser's SecAggPlus subclass)",
+    "whether Flower still keeps devices that missed setup or share keys among the sampled ones (then the prune is "
+    "still needed), WorkflowState's fields, and that setup_stage still sends the secaggplus_configs record "
+    "through grid.send_and_receive")
+SECAGG_REPLIES = Patch(
+    "secagg-reply-check", "the grid of SecAggPlusWorkflow's four stages (fl-ser's SecAggPlus wraps it per stage)",
+    "that every stage still sends through grid.send_and_receive with the stage in the secaggplus_configs record, "
+    "that collect_masked_vectors_stage sums exactly the replies it gets back, and the masked vector's layout "
+    "(weight factor first)")
+SECAGG_RANGE = Patch(
+    "secagg-quantisation-range", "nothing: it reads the SecAgg+ setup that Flower's secaggplus_mod keeps in the node "
+    "state (clipping_range, max_weight)",
+    "SecAggPlusState's fields, the secaggplus_state record, and that _collect_masked_vectors weights the fit "
+    "reply's parameters by num_examples / max_weight and quantises them within +-clipping_range")
 SIM_DISPATCH = Patch(
     "simulation-dispatch", "flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue",
     "vce_api.run_api's dispatcher thread and its arguments, and InMemoryLinkState's lock, message_ins_store, "
@@ -210,8 +253,16 @@ CONTROL_CLIENT = Patch(
 SUPERNODE_ARGS = Patch(
     "supernode-arguments", "flwr.supernode.cli.flower_supernode._parse_args_run_supernode (private)",
     "the SuperNode's --isolation option and its runtime API address (host, port)")
-PATCHES = (SECAGG_DEVICE, SECAGG_SERVER, SECAGG_SETUP, SIM_DISPATCH, CAPPED_SLEEP, FORK_EXECUTOR, PROMPT_GRID,
-           CONTROL_CLIENT, SUPERNODE_ARGS)
+RESUMABLE_ROUNDS = Patch(
+    "resumable-rounds", "DefaultWorkflow.__call__ (re-implemented by ResumableWorkflow)",
+    "DefaultWorkflow.__call__'s steps (client-manager thread, init, per-round fit / centralised evaluation / "
+    "evaluate) and the MAIN_CONFIGS_RECORD keys it sets (Key.START_TIME, Key.CURRENT_ROUND)")
+CSPRNG_SAMPLING = Patch(
+    "csprng-sampling", "SimpleClientManager.sample (re-implemented by csprng_client_manager's subclass)",
+    "SimpleClientManager's clients dict and wait_for, and that strategies still sample through the client "
+    "manager's sample(num_clients, min_num_clients, criterion)")
+PATCHES = (SECAGG_DEVICE, SECAGG_SERVER, SECAGG_SETUP, SECAGG_REPLIES, SECAGG_RANGE, SIM_DISPATCH, CAPPED_SLEEP,
+           FORK_EXECUTOR, PROMPT_GRID, CONTROL_CLIENT, SUPERNODE_ARGS, RESUMABLE_ROUNDS, CSPRNG_SAMPLING)
 
 
 # --- SecAgg+: fl-ser's cryptography in Flower's device mod and server workflow --------------------------------
@@ -243,74 +294,237 @@ def install_secagg_server_crypto() -> None:
 
 def secaggplus_mod(msg: Message, ctxt, call_next) -> Message:
     """The device's SecAgg+ mod: Flower's ``secaggplus_mod`` with fl-ser's crypto installed, refusing a server
-    whose announced mask scheme is not fl-ser's and echoing the scheme in its setup reply."""
+    whose announced mask scheme is not fl-ser's, echoing the scheme in its setup reply, and refusing an update
+    that does not fit the quantisation range (:func:`check_quantisation_range`) before it is quantised."""
     from flwr.app.message_type import MessageType
     from flwr.client.mod import secaggplus_mod as flower_secaggplus_mod
 
     install_secagg_device_crypto()
-    setup = False
+    stage = None
     if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
         configs = msg.content.config_records[RECORD_KEY_CONFIGS]
-        setup = configs.get(Key.STAGE) == Stage.SETUP
+        stage = configs.get(Key.STAGE)
         announced = configs.get(MASK_SCHEME_KEY)
-        if setup and announced != MASK_SCHEME:
+        if stage == Stage.SETUP and announced != MASK_SCHEME:
             theirs = repr(announced) if announced else f"{STOCK_MASKS} (it announced no {MASK_SCHEME_KEY})"
             raise IncompatibleProtocol(f"the server's SecAgg+ expands masks with {theirs}, this device only with "
                                        f"fl-ser's ChaCha20 scheme {MASK_SCHEME!r}; run fl-ser's ServerApp (of the "
                                        "same fl-ser version as this device's)")
-    reply = flower_secaggplus_mod(msg, ctxt, call_next)
-    if setup and not reply.has_error():
+    inner = call_next
+    if stage == Stage.COLLECT_MASKED_VECTORS:  # the only stage at which Flower's mod trains (calls call_next)
+
+        def inner(m, c):
+            reply = call_next(m, c)
+            if not reply.has_error():
+                check_quantisation_range(reply, c)
+            return reply
+
+    reply = flower_secaggplus_mod(msg, ctxt, inner)
+    if stage == Stage.SETUP and not reply.has_error():
         reply.content.config_records[RECORD_KEY_CONFIGS][MASK_SCHEME_KEY] = MASK_SCHEME
     return reply
 
 
-class _MaskSchemeGrid:
-    """The grid Flower's setup stage talks through: announces fl-ser's mask scheme in every setup message and
-    passes on only the replies that echo it (any other counts as a failed device for the round)."""
+class QuantisationRangeError(ValueError):
+    """A device's update does not fit SecAgg+'s quantisation range (Flower would clip it silently)."""
 
-    def __init__(self, grid, state):
-        self.grid, self.state = grid, state
+
+def check_secagg_device_state() -> None:
+    """Check that Flower's device SecAgg+ mod still keeps the setup's ``clipping_range`` and ``max_weight`` in
+    the node state and quantises the update with them (the patch ``secagg-quantisation-range``)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    device = SECAGG_RANGE.module(SECAGG_DEVICE_MODULE)
+    state_fields = {f.name for f in fields(device.SecAggPlusState)}
+    SECAGG_RANGE.require({"clipping_range", "max_weight"} <= state_fields,
+                         f"SecAggPlusState has fields {sorted(state_fields)}")
+    SECAGG_RANGE.require(_looked_up(device.secaggplus_mod, "RECORD_KEY_STATE"),
+                         f"secaggplus_mod no longer keeps its state in the node state's {RECORD_KEY_STATE} record")
+    SECAGG_RANGE.require(all(_looked_up(device._collect_masked_vectors, name)
+                             for name in ("clipping_range", "max_weight", "parameters_multiply", "quantize")),
+                         "_collect_masked_vectors no longer weights by num_examples / max_weight and quantises "
+                         "within clipping_range")
+    SECAGG_RANGE.require(tuple(inspect.signature(device._collect_masked_vectors).parameters)
+                         == ("state", "configs", "num_examples", "updated_parameters"),
+                         "_collect_masked_vectors no longer quantises the fit reply's num_examples and parameters")
+
+
+def check_quantisation_range(reply: Message, ctxt) -> None:
+    """Refuse an update that Flower's SecAgg+ quantiser would silently clip (a corrupted sum).
+
+    ``reply`` is the device's final fit reply, after its update clipping and noise share: exactly what
+    ``_collect_masked_vectors`` weights by ``num_examples / max_weight`` and quantises to +-``clipping_range``,
+    with the values of the SecAgg+ setup that the device keeps in its node state."""
+    import numpy as np
+    from flwr.common import parameters_to_ndarrays
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+    from flwr.compat.common import recorddict_compat as compat
+
+    check_secagg_device_state()
+    setup = ctxt.state.config_records[RECORD_KEY_STATE]
+    clipping_range, max_weight = float(setup["clipping_range"]), float(setup["max_weight"])
+    fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    weight = fitres.num_examples
+    arrays = parameters_to_ndarrays(fitres.parameters)
+    peak = max((float(np.abs(a).max()) for a in arrays if a.size), default=0.0) * weight / max_weight
+    if peak > 0.9 * clipping_range or weight > max_weight:
+        raise QuantisationRangeError(
+            f"the update does not fit SecAgg+'s quantisation range: weighted peak {peak:.3g} vs clipping_range "
+            f"{clipping_range} (weight {weight}, max_weight {max_weight}). Raise aggregation.clipping_range "
+            f"(and aggregation.max_weight if the weight exceeds it), or clip updates with privacy=full.")
+
+
+class MalformedReply(RuntimeError):
+    """A device's SecAgg+ reply that the server left out of the round (the message says why)."""
+
+
+def _masked_vector_shapes(message: Message) -> list[tuple[int, ...]]:
+    """The shapes a masked vector must have: the weight factor, then the global model the message carries."""
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    params = compat.recorddict_to_fitins(message.content, keep_input=True).parameters
+    return [(1,), *(a.shape for a in parameters_to_ndarrays(params))]
+
+
+def _masked_vector_problem(reply: Message, shapes: list[tuple[int, ...]], mod_range: int) -> str | None:
+    """What is wrong with a device's masked vector (None: integers of ``shapes``, each in [0, mod_range))."""
+    from flwr.common import bytes_to_ndarray
+
+    try:
+        vector = [bytes_to_ndarray(b) for b in reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
+    except Exception as err:  # no masked vector, or bytes that are no (pickle-free) numpy array
+        return f"is unreadable ({type(err).__name__})"
+    got = [a.shape for a in vector]
+    if got != shapes:
+        return f"has shapes {got}, not the model's {shapes} (weight factor first)"
+    dtypes = sorted({str(a.dtype) for a in vector if a.dtype.kind not in "iu"})
+    if dtypes:
+        return f"is not integer data ({', '.join(dtypes)})"
+    if any(a.size and (a.min() < 0 or a.max() >= mod_range) for a in vector):
+        return f"has values outside [0, {mod_range})"
+    return None
+
+
+class _StageGrid:
+    """The grid one of Flower's SecAgg+ stages talks through. It reports who was asked and who answered (a
+    :class:`~fl_ser.round_report.RoundReport`) and passes on only well-formed replies: at setup, fl-ser's mask
+    scheme is announced and only replies that echo it count; at the masked-vector stage, only vectors of the
+    model's size in integers below the modulus. Any other reply counts as a failed device for the round: Flower
+    never sums it, and from the masked-vector stage on its recovery removes that device's masks with the others
+    from their key shares, as for a dropout."""
+
+    def __init__(self, grid, state, report: RoundReport):
+        self.grid, self.state, self.report = grid, state, report
         self.matching, self.mismatched = 0, 0
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
-        for m in messages:
-            m.content.config_records[RECORD_KEY_CONFIGS][MASK_SCHEME_KEY] = MASK_SCHEME
+        if not messages:
+            return list(self.grid.send_and_receive(messages, timeout=timeout))
+        stage = str(messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
+        if stage == Stage.SETUP:
+            for m in messages:
+                m.content.config_records[RECORD_KEY_CONFIGS][MASK_SCHEME_KEY] = MASK_SCHEME
+        shapes = _masked_vector_shapes(messages[0]) if stage == Stage.COLLECT_MASKED_VECTORS else None
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        # An error the SuperLink sends for a lost reply comes from the SuperLink's node id: map it to the device.
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        unanswered = {m.metadata.dst_node_id for m in messages}
         kept = []
-        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+        for reply in replies:
+            nid = asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            unanswered.discard(nid)
             if reply.has_error():
+                self.report.lost(stage, nid, error_cause(reply.error.code))
                 self.mismatched += reply.error.code == PublicError.INCOMPATIBLE_PROTOCOL
                 kept.append(reply)
-                continue
-            configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
-            echoed = configs.get(MASK_SCHEME_KEY) if configs is not None else None
-            if echoed == MASK_SCHEME:
-                self.matching += 1
+            elif stage == Stage.SETUP:
+                self._check_scheme(reply, nid, kept)
+            elif stage == Stage.COLLECT_MASKED_VECTORS:
+                problem = _masked_vector_problem(reply, shapes, self.state.mod_range)
+                if problem is None:
+                    kept.append(reply)
+                    continue
+                text = (f"device {nid}'s masked vector {problem}: it is left out of this round (Flower's dropout "
+                        "recovery removes its masks from the others' key shares); check that device's fl-ser "
+                        "version and its link")
+                self._reject(stage, nid, f"masked vector {problem}", MalformedReply(text))
+            else:
                 kept.append(reply)
-                continue
-            self.mismatched += 1
-            problem = (f"device {reply.metadata.src_node_id}'s SecAgg+ mask scheme is not fl-ser's "
-                       f"({echoed!r} instead of {MASK_SCHEME!r}; a stock Flower secaggplus_mod expands masks "
-                       f"with {STOCK_MASKS}): it is left out of this round; run fl-ser's ClientApp on every device.")
-            log(WARNING, "%s", problem)
-            self.state.failures.append(MaskSchemeMismatch(problem))
+        for nid in sorted(unanswered):
+            self.report.lost(stage, nid, NO_REPLY)
         return kept
+
+    def _check_scheme(self, reply: Message, nid: int, kept: list[Message]) -> None:
+        configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+        echoed = configs.get(MASK_SCHEME_KEY) if configs is not None else None
+        if echoed == MASK_SCHEME:
+            self.matching += 1
+            kept.append(reply)
+            return
+        self.mismatched += 1
+        text = (f"device {nid}'s SecAgg+ mask scheme is not fl-ser's ({echoed!r} instead of {MASK_SCHEME!r}; a "
+                f"stock Flower secaggplus_mod expands masks with {STOCK_MASKS}): it is left out of this round; run "
+                "fl-ser's ClientApp on every device.")
+        self._reject(Stage.SETUP, nid, f"mask scheme {echoed!r}, not fl-ser's {MASK_SCHEME!r}",
+                     MaskSchemeMismatch(text))
+
+    def _reject(self, stage: str, nid: int, reason: str, failure: Exception) -> None:
+        log(WARNING, "%s", failure)
+        self.state.failures.append(failure)
+        self.report.reject(stage, nid, reason)
 
     def __getattr__(self, name: str):
         return getattr(self.grid, name)
 
 
-class SecAggPlus(SecAggPlusWorkflow):
-    """Flower's SecAgg+ workflow with fl-ser's crypto, the mask scheme checked at setup, and setup dropouts pruned.
+def _keep_active(state) -> None:
+    """Forget the devices that are no longer active, as if they had never been sampled: nobody masked with them,
+    so unmasking must neither ask for their shares nor remove masks with them."""
+    active = set(state.active_node_ids)
+    state.sampled_node_ids = active
+    state.nid_to_neighbours = {nid: nbrs & active for nid, nbrs in state.nid_to_neighbours.items() if nid in active}
 
-    Flower 1.42 keeps a device that never answered the *setup* stage among the
-    sampled devices, so at unmasking it counts as "dropped after sharing keys" and
-    the surviving devices are asked for key shares they never received: they fail
-    (``KeyError`` in ``secaggplus_mod``) and the round is lost. This workflow
-    removes such devices right after setup (they never sent a key, so nobody
-    masked with them); dropouts in later stages are Flower's own recovery. Devices
+
+def check_secagg_stages() -> None:
+    """Check that each of Flower's SecAgg+ stages still talks through the grid it is given and that the
+    masked-vector stage sums exactly the replies it gets back (the patch ``secagg-reply-check``)."""
+    from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+
+    SECAGG_REPLIES.check_version()
+    state_fields = {f.name for f in fields(WorkflowState)}
+    SECAGG_REPLIES.require({"nid_to_proxies", "legacy_results", "mod_range", "failures"} <= state_fields,
+                           f"WorkflowState has fields {sorted(state_fields)}")
+    for stage in ("setup_stage", "share_keys_stage", "collect_masked_vectors_stage", "unmask_stage"):
+        SECAGG_REPLIES.require(_looked_up(SecAggPlusWorkflow.__call__, stage),
+                               f"SecAggPlusWorkflow.__call__ no longer runs {stage}")
+        SECAGG_REPLIES.require(_looked_up(getattr(SecAggPlusWorkflow, stage), "send_and_receive"),
+                               f"SecAggPlusWorkflow.{stage} no longer calls grid.send_and_receive")
+    SECAGG_REPLIES.require(all(_looked_up(SecAggPlusWorkflow.collect_masked_vectors_stage, name)
+                               for name in ("MASKED_PARAMETERS", "bytes_to_ndarray", "parameters_addition")),
+                           "collect_masked_vectors_stage no longer sums the masked vectors of the replies")
+    SECAGG_REPLIES.require(_looked_up(SecAggPlusWorkflow.unmask_stage, "factor_extract"),
+                           "unmask_stage no longer reads the weight factor first in the masked vector")
+
+
+class SecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow with fl-ser's crypto, every stage's replies checked and reported, and setup and
+    share-keys dropouts pruned.
+
+    Flower 1.42 keeps a device that never answered the *setup* or the *share
+    keys* stage among the sampled devices, so at unmasking it counts as "dropped
+    after sharing keys" and the surviving devices are asked for key shares they
+    never received: they fail (``KeyError`` in ``secaggplus_mod``) and the round is
+    lost. This workflow removes such devices right after each of those stages
+    (their keys or key shares never reached anybody, so nobody masked with them);
+    dropouts in later stages are Flower's own recovery. Devices
     whose setup reply does not echo fl-ser's mask scheme are treated the same way;
     if no device answers with it, the workflow raises :class:`MaskSchemeMismatch`.
+    A masked vector that is not integers of the model's size below the modulus is
+    never summed: the device counts as dropped at that stage (:class:`_StageGrid`).
+    After each round, :attr:`round_report` says who was sampled and who was lost
+    at which stage, and why.
     """
 
     def __init__(self, **kwargs):
@@ -320,22 +534,51 @@ class SecAggPlus(SecAggPlusWorkflow):
         state_fields = {f.name for f in fields(WorkflowState)}
         SECAGG_SETUP.require({"active_node_ids", "sampled_node_ids", "nid_to_neighbours", "failures"} <= state_fields,
                              f"WorkflowState has fields {sorted(state_fields)}")
-        SECAGG_SETUP.require(_looked_up(SecAggPlusWorkflow.setup_stage, "send_and_receive"),
-                             "SecAggPlusWorkflow.setup_stage no longer calls grid.send_and_receive")
+        check_secagg_stages()  # every stage, setup included, talks through the grid it is given
         install_secagg_server_crypto()
         super().__init__(**kwargs)
+        self._report = RoundReport()
+
+    @property
+    def round_report(self) -> dict:
+        """The last round's :class:`~fl_ser.round_report.RoundReport` as a JSON-able dict (node ids as ints),
+        complete once the round's SecAgg+ protocol ended (aggregated or halted)."""
+        return self._report.as_dict()
 
     def setup_stage(self, grid, context, state) -> bool:
-        checked = _MaskSchemeGrid(grid, state)
+        self._report = RoundReport()
+        checked = self._checked(grid, state)
         ok = super().setup_stage(checked, context, state)
+        self._report.sampled = sorted(state.nid_to_proxies)
         if checked.mismatched and not checked.matching:
             raise MaskSchemeMismatch(f"SecAgg+ setup: none of the {checked.mismatched} devices that answered "
                                      f"expands masks with fl-ser's scheme {MASK_SCHEME!r} (a stock Flower "
                                      f"secaggplus_mod uses {STOCK_MASKS} and sends no {MASK_SCHEME_KEY}). Run "
                                      "fl-ser's ClientApp on every device.")
-        keyed = set(state.active_node_ids)  # the devices that sent their public keys
-        state.sampled_node_ids = keyed
-        state.nid_to_neighbours = {nid: nbrs & keyed for nid, nbrs in state.nid_to_neighbours.items() if nid in keyed}
+        _keep_active(state)  # the devices that sent their public keys
+        return self._ended(Stage.SETUP, ok)
+
+    def share_keys_stage(self, grid, context, state) -> bool:
+        ok = super().share_keys_stage(self._checked(grid, state), context, state)
+        _keep_active(state)  # the devices that sent key shares: nobody received any from the others
+        return self._ended(Stage.SHARE_KEYS, ok)
+
+    def collect_masked_vectors_stage(self, grid, context, state) -> bool:
+        ok = super().collect_masked_vectors_stage(self._checked(grid, state), context, state)
+        return self._ended(Stage.COLLECT_MASKED_VECTORS, ok)
+
+    def unmask_stage(self, grid, context, state) -> bool:
+        ok = super().unmask_stage(self._checked(grid, state), context, state)
+        if ok:  # every device whose masked vector was summed, unmask dropouts included (their masks were removed)
+            self._report.participants = [proxy.node_id for proxy, _ in state.legacy_results]
+        return self._ended(Stage.UNMASK, ok)
+
+    def _checked(self, grid, state) -> _StageGrid:
+        return _StageGrid(grid, state, self._report)
+
+    def _ended(self, stage: str, ok: bool) -> bool:
+        if not ok:
+            self._report.halted_at = stage
         return ok
 
 
@@ -614,3 +857,94 @@ class RunFollower:
 
     def close(self) -> None:
         self.client.close()
+
+
+# --- ServerApp: the round loop, resumable, and cohorts from the OS CSPRNG ----------------------------------------
+
+
+def csprng_client_manager():
+    """A ``SimpleClientManager`` whose ``sample`` draws from the OS CSPRNG (see ``csprng-sampling`` above); the
+    subclass is built here so that importing this module stays light."""
+    import random
+
+    from flwr.server.client_manager import SimpleClientManager
+
+    CSPRNG_SAMPLING.check_version()
+    CSPRNG_SAMPLING.require(tuple(inspect.signature(SimpleClientManager.sample).parameters)
+                            == ("self", "num_clients", "min_num_clients", "criterion"),
+                            "SimpleClientManager.sample's signature changed")
+    CSPRNG_SAMPLING.require(_looked_up(SimpleClientManager.sample, "random"),
+                            "SimpleClientManager.sample no longer samples with the random module")
+
+    class CsprngClientManager(SimpleClientManager):
+        def __init__(self):
+            super().__init__()
+            CSPRNG_SAMPLING.require(isinstance(getattr(self, "clients", None), dict),
+                                    "SimpleClientManager no longer keeps its clients in a dict")
+            self.rng = random.SystemRandom()
+
+        def sample(self, num_clients, min_num_clients=None, criterion=None):
+            self.wait_for(num_clients if min_num_clients is None else min_num_clients)
+            cids = sorted(c for c, proxy in self.clients.items() if criterion is None or criterion.select(proxy))
+            if num_clients > len(cids):
+                log(WARNING, "sampling failed: %d devices available, %d requested", len(cids), num_clients)
+                return []
+            return [self.clients[c] for c in self.rng.sample(cids, num_clients)]
+
+    return CsprngClientManager()
+
+
+class ResumableWorkflow:
+    """Flower's ``DefaultWorkflow`` loop, started at any round, with a hook after every round.
+
+    ``start_round`` 1 is Flower's loop exactly (initial parameters from the strategy, evaluated as round 0).
+    A later ``start_round`` continues a run: the strategy's ``initialize_parameters`` returns the checkpointed
+    global model, which is not evaluated again. ``after_round(round, context)`` runs after each round's
+    centralised evaluation (fl-ser checkpoints there; an exception it raises ends the run)."""
+
+    def __init__(self, fit_workflow=None, start_round: int = 1, after_round=None):
+        from flwr.server.workflow import DefaultWorkflow
+
+        RESUMABLE_ROUNDS.check_version()
+        call = DefaultWorkflow.__call__
+        for step in ("start_update_client_manager_thread", "default_init_params_workflow",
+                     "default_centralized_evaluation_workflow", "CURRENT_ROUND", "START_TIME"):
+            RESUMABLE_ROUNDS.require(_looked_up(call, step), f"DefaultWorkflow.__call__ no longer uses {step}")
+        if start_round < 1:
+            raise ValueError(f"start_round must be at least 1, got {start_round}")
+        self.workflow = DefaultWorkflow(fit_workflow=fit_workflow)
+        self.start_round = start_round
+        self.after_round = after_round
+
+    def __call__(self, grid, context) -> None:
+        import timeit
+
+        from flwr.app import ConfigRecord
+        from flwr.compat.common import recorddict_compat as compat
+        from flwr.server.compat.app_utils import start_update_client_manager_thread
+        from flwr.server.workflow import default_workflows as flower
+        from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+
+        thread, f_stop, c_done = start_update_client_manager_thread(grid, context.client_manager)
+        try:
+            c_done.wait()
+            if self.start_round == 1:
+                flower.default_init_params_workflow(grid, context)
+            else:
+                params = context.strategy.initialize_parameters(client_manager=context.client_manager)
+                context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(params,
+                                                                                                   keep_input=True)
+            cfg = ConfigRecord()
+            cfg[Key.START_TIME] = timeit.default_timer()
+            context.state.config_records[MAIN_CONFIGS_RECORD] = cfg
+            for current_round in range(self.start_round, context.config.num_rounds + 1):
+                log(INFO, "[ROUND %s]", current_round)
+                cfg[Key.CURRENT_ROUND] = current_round
+                self.workflow.fit_workflow(grid, context)
+                flower.default_centralized_evaluation_workflow(grid, context)
+                self.workflow.evaluate_workflow(grid, context)
+                if self.after_round is not None:
+                    self.after_round(current_round, context)
+        finally:
+            f_stop.set()
+            thread.join()

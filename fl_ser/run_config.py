@@ -23,8 +23,10 @@ def encode(cfg: DictConfig) -> str:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """A short, stable fingerprint of the experiment (stored with every model a device receives)."""
-    return hashlib.sha256(encode(cfg).encode()).hexdigest()[:16]
+    """A short, stable fingerprint of the experiment (stored with every model a device receives); the same for
+    a run and its resumption."""
+    experiment = {k: v for k, v in json.loads(encode(cfg)).items() if k != "resume"}
+    return hashlib.sha256(json.dumps(experiment, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=4)

@@ -43,17 +43,19 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
     from flwr.server import LegacyContext, ServerConfig
-    from flwr.server.workflow import DefaultWorkflow
     from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 
     from fl_ser.data.corpus import corpus_from_config
     from fl_ser.data.partition import split_from_config
+    from fl_ser.flower_compat import ResumableWorkflow, csprng_client_manager
     from fl_ser.privacy.accountant import user_level_epsilon
     from fl_ser.task import get_arrays, new_classifier
+    from server import checkpoint
     from server.evaluation import HeldOutEvaluator
     from server.grid import prompt_grid
-    from server.records import RunRecorder
+    from server.records import RunRecorder, RunStopped
     from server.release import deploy_and_collect, release_model
+    from server.replies import ReplyCheck
     from server.secagg import secagg_workflow
     from server.user_dp import UserLevelDP
 
@@ -69,16 +71,26 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
     def user_eps(r: int):
         return user_level_epsilon(z_user, m / num_devices, r, float(user.delta), str(user.accountant))
 
+    resumed = checkpoint.load(run_dir) if cfg.get("resume") else None
+    restored_records = resumed.records if resumed else ({"rows": [], "epsilons": {}, "devices": {}, "wall_s": 0.0,
+                                                         "resumed_after": []} if cfg.get("resume") else None)
     evaluator = HeldOutEvaluator(cfg, split.test)
-    recorder = RunRecorder(run_dir, rounds, user_eps)
-    init = get_arrays(new_classifier(cfg, len(cfg.labels)))
+    recorder = RunRecorder(run_dir, rounds, user_eps, int(cfg.federation.get("max_empty_rounds", 3)),
+                           restored=restored_records)
+    init = resumed.params if resumed else get_arrays(new_classifier(cfg, len(cfg.labels)))
 
-    user_dp = None  # the UserLevelDP wrapper, when updates are clipped: it also knows who dropped out
+    secure = cfg.aggregation.name == "secagg_plus"
+    secagg = secagg_workflow(cfg, m) if secure else None
+
+    def round_outcome() -> dict:
+        """Who was sampled, lost where, and why (SecAgg+'s stages, or the plain fit's replies)."""
+        report = secagg.round_report if secure else reply_check.last_round
+        return {"sampled": report["sampled"], "participants": report["participants"], "dropped": report["dropped"],
+                "malformed": report["malformed"], "causes": report["failure_causes"]}
 
     def evaluate_fn(server_round, arrays, config):
         loss, report = evaluator(arrays)
-        dropped = user_dp.last_round.get("dropped") if user_dp is not None and server_round else None
-        recorder.round_done(server_round, loss, report, arrays, dropped=dropped)
+        recorder.round_done(server_round, loss, report, arrays, outcome=round_outcome() if server_round else None)
         return loss, {"uar": report["uar"]}
 
     strategy = instantiate(
@@ -88,35 +100,60 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
         on_fit_config_fn=lambda r: {"server_round": r},
     )
     if cfg.privacy.update_clipping.enabled:
-        strategy = user_dp = UserLevelDP(strategy, float(cfg.privacy.update_clipping.clipping_norm), z_user,
-                                         str(user.placement))
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds, round_timeout=reply_timeout(cfg)),
-                           strategy=strategy)
-    secure = cfg.aggregation.name == "secagg_plus"
-    grid = prompt_grid(grid, cfg)
-    DefaultWorkflow(fit_workflow=secagg_workflow(cfg, m) if secure else None)(grid, legacy)
+        strategy = UserLevelDP(strategy, float(cfg.privacy.update_clipping.clipping_norm), z_user, str(user.placement))
+    strategy = reply_check = ReplyCheck(strategy)  # outermost: a malformed reply never reaches the aggregate
+    if resumed:
+        checkpoint.restore_optimiser(strategy, resumed.optimiser)
 
-    params = compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
-    final = parameters_to_ndarrays(params)
+    def after_round(server_round: int, ctx) -> None:
+        params = compat.arrayrecord_to_parameters(ctx.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
+        checkpoint.save(run_dir, checkpoint.ServerState(server_round, parameters_to_ndarrays(params),
+                                                        recorder.state(), checkpoint.optimiser_state(strategy)))
+        recorder.check_progress(server_round)
+
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds, round_timeout=reply_timeout(cfg)),
+                           strategy=strategy, client_manager=csprng_client_manager())
+    grid = prompt_grid(grid, cfg)
+    workflow = ResumableWorkflow(fit_workflow=secagg,
+                                 start_round=resumed.round + 1 if resumed else 1, after_round=after_round)
+    stopped = None
+    try:
+        workflow(grid, legacy)
+    except RunStopped as err:
+        stopped = str(err)
+        log.error("%s", err)
+
+    final = init
+    if MAIN_PARAMS_RECORD in legacy.state.array_records:
+        params = compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
+        final = parameters_to_ndarrays(params)
+    outcome = recorder.outcome()
+    summary = {
+        "status": "stopped" if stopped else ("completed" if outcome["trained"] else "untrained"), "error": stopped,
+        "rounds": rounds, "num_devices": num_devices, "clients_per_round": m, **outcome,
+        "epsilon_sample_max": recorder.epsilon_sample_max, "epsilon_sample": recorder.epsilon_split(),
+        "epsilon_user": user_eps(outcome["rounds_completed"]), "normalization": str(cfg.privacy.normalization.mode),
+        "delta": float(cfg.privacy.dp_sgd.delta) if cfg.privacy.dp_sgd.enabled else None,
+        "delta_user": float(user.delta) if z_user > 0 else None,
+        "num_test_speakers": len(split.test), "test_speakers": list(split.test),
+        "num_utterances": sum(len(corpus.utterances_of(s)) for s in (*split.train, *split.test)),
+        "num_test_utterances": evaluator.num_utterances, "labels": list(cfg.labels),
+        "privacy": str(cfg.privacy.name), "aggregation": str(cfg.aggregation.name),
+        "strategy": str(cfg.strategy._target_).rsplit(".", 1)[-1],
+    }
+    if summary["status"] != "completed":  # nothing trained is released: the devices keep what they have
+        if not stopped:
+            log.error("no round aggregated any update: no release is made (README 'When things go wrong')")
+        return recorder.write_summary(summary)
     loss, report = evaluator(final)
     release = release_model(cfg, final, evaluator.normalization.published(), run_dir / "release")
     devices = deploy_and_collect(grid, cfg, final, Path(release["path"]), rounds) if cfg.release.deploy else []
-    summary = {
+    summary.update({
         "uar": report["uar"], "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
         "uar_by_group": report.get("uar_by_group"), "recall": report["recall"], "loss": loss,
-        "epsilon_sample_max": recorder.epsilon_sample_max, "epsilon_sample": recorder.epsilon_split(),
-        "epsilon_user": user_eps(rounds), "normalization": str(cfg.privacy.normalization.mode),
-        "delta": float(cfg.privacy.dp_sgd.delta) if cfg.privacy.dp_sgd.enabled else None,
-        "delta_user": float(user.delta) if z_user > 0 else None,
-        "rounds": rounds, "num_devices": num_devices, "clients_per_round": m,
-        "num_test_speakers": len(split.test), "test_speakers": list(split.test),
-        "num_utterances": sum(len(corpus.utterances_of(s)) for s in (*split.train, *split.test)),
-        "num_test_utterances": evaluator.num_utterances, "labels": list(cfg.labels), "confusion": report["confusion"],
-        "privacy": str(cfg.privacy.name), "aggregation": str(cfg.aggregation.name),
-        "strategy": str(cfg.strategy._target_).rsplit(".", 1)[-1], "release": release,
-        "device_reports": devices, "dropouts": recorder.dropouts(),
+        "confusion": report["confusion"], "release": release, "device_reports": devices,
         "device_uar_mean": (sum(d["uar"] for d in devices) / len(devices)) if devices else None,
-    }
+    })
     return recorder.write_summary(summary)
 
 

@@ -45,7 +45,7 @@ class UserLevelDP(Strategy):
         self.clipping_norm = clipping_norm
         self.noise_multiplier = noise_multiplier
         self.placement = placement
-        self._sampled: set[str] = set()
+        self.sampled: set[str] = set()
         self.last_round: dict = {}
 
     def __repr__(self) -> str:
@@ -62,16 +62,16 @@ class UserLevelDP(Strategy):
             extra[KEY_DEVICE_NOISE_STD] = self.noise_multiplier * self.clipping_norm / math.sqrt(len(instructions))
         for _, ins in instructions:
             ins.config.update(extra)
-        self._sampled = {proxy.cid for proxy, _ in instructions}
+        self.sampled = {proxy.cid for proxy, _ in instructions}
         # Until updates arrive every sampled device counts as dropped (SecAgg+ may halt before aggregate_fit).
-        self.last_round = {"participants": 0, "server_noise_std": 0.0, "failures": 0, "dropped": sorted(self._sampled)}
+        self.last_round = {"participants": 0, "server_noise_std": 0.0, "failures": 0, "dropped": sorted(self.sampled)}
         return instructions
 
     def aggregate_fit(self, server_round, results, failures):
         if not results:
             return None, {}
-        n, m = len(results), len(self._sampled)
-        dropped = sorted(self._sampled - {proxy.cid for proxy, _ in results})
+        n, m = len(results), len(self.sampled)
+        dropped = sorted(self.sampled - {proxy.cid for proxy, _ in results})
         if failures or dropped:
             log.warning("round %s: %d of %d sampled devices returned an update; dropped out: %s (%d failures)",
                         server_round, n, m, ", ".join(dropped) or "none", len(failures))

@@ -151,25 +151,30 @@ def _narrowband(folder: Path, rows: list[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "damage,kwargs,match",
+    "damage,kwargs,match,skipped",
     [
-        (lambda f, rows: (f / "labels.csv").unlink(), {}, r"labels\.csv: .*has no labels\.csv"),
-        (lambda f, rows: _write_rows(f, [*rows[:5], "takes/x.wav,grumpy", *rows[5:]]), {}, r"line 6: unknown emotion"),
-        (_garbage, {}, r"line 3 \(takes/\S+\): unreadable audio"),
-        (_silent, {}, r"line 2 \(takes/\S+\): silent audio"),
-        (lambda f, rows: (f / rows[4].split(",")[0]).unlink(), {}, r"line 5 \(takes/\S+\): the file does not exist"),
-        (_narrowband, {}, r"line 4 \(takes/\S+\): recorded at 8000 Hz, below the 16000 Hz"),
-        (lambda f, rows: _write_rows(f, [*rows, rows[1]]), {}, r"line 26: takes/\S+ is listed again"),
-        (lambda f, rows: None, {"min_utterances": 30}, r"24 usable utterances, fewer than the 30 needed"),
-        (lambda f, rows: None, {"min_per_emotion": 7}, r"only 6 usable 'anger' utterance\(s\), fewer than 7"),
-        (lambda f, rows: None, {"labels": LABELS[:3]}, r"emotion 'neutral' is not in the experiment's label set"),
+        (lambda f, rows: (f / "labels.csv").unlink(), {}, r"labels\.csv: .*has no labels\.csv", None),
+        (lambda f, rows: _write_rows(f, [*rows[:5], "takes/x.wav,grumpy", *rows[5:]]), {}, r"line 6: unknown emotion",
+         None),
+        (_garbage, {}, r"line 3 \(takes/\S+\): unreadable audio", "unreadable"),
+        (_silent, {}, r"line 2 \(takes/\S+\): silent audio", "silent"),
+        (lambda f, rows: (f / rows[4].split(",")[0]).unlink(), {}, r"line 5 \(takes/\S+\): missing audio \(no such",
+         "missing"),
+        (_narrowband, {}, r"line 4 \(takes/\S+\): low sample rate audio \(recorded at 8000 Hz, below the 16000 Hz",
+         "low sample rate"),
+        (lambda f, rows: _write_rows(f, [*rows, rows[1]]), {}, r"line 26: takes/\S+ is listed again", None),
+        (lambda f, rows: None, {"min_utterances": 30}, r"24 usable utterances, fewer than the 30 needed", None),
+        (lambda f, rows: None, {"min_per_emotion": 7}, r"only 6 usable 'anger' utterance\(s\), fewer than 7", None),
+        (lambda f, rows: None, {"labels": LABELS[:3]}, r"emotion 'neutral' is not in the experiment's label set", None),
     ],
 )
-def test_validate_reports_each_problem_with_its_line(participant, damage, kwargs, match):
+def test_validate_reports_each_problem_with_its_line(participant, damage, kwargs, match, skipped):
     damage(participant, _rows(participant))
     report = validate.validate_folder(participant, **kwargs)
     assert not report.ok
     assert any(re.search(match, str(p)) for p in report.errors), [str(p) for p in report.errors]
+    # a refused file is counted under the reason the loaders use
+    assert {reason: len(uids) for reason, uids in report.audio.skipped.items()} == ({skipped: 1} if skipped else {})
 
 
 def test_validate_warns_about_unlisted_resampled_and_duplicate_audio(participant):
@@ -195,7 +200,10 @@ def test_validate_cli_json_and_exit_statuses(participant, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is False and out["counts"] == {}
     assert {e["where"] for e in out["errors"]} == {"labels.csv line 2 (takes/nope.wav)", str(participant)}
-    for bad in (["--labels", "anger,grumpy", str(participant)], [], [str(participant), "--min-utterances", "x"]):
+    assert out["audio"] == {"loaded": 0, "skipped": {"missing": ["takes/nope.wav"]}, "noted": {}}
+    bad_usage = (["--labels", "anger,grumpy", str(participant)], [], [str(participant), "--min-utterances", "x"],
+                 [str(participant), "--long-files", "trim"], [str(participant), "--max-seconds", "0.1"])
+    for bad in bad_usage:
         with pytest.raises(SystemExit) as stop:
             validate.main(bad)
         assert stop.value.code == 2

@@ -99,6 +99,28 @@ def test_server_unmasks_fl_sers_chacha20_masks():
         np.testing.assert_allclose(got, want, atol=5 * QUANTISATION)
 
 
+def test_the_range_check_looks_at_the_clipped_update_that_secagg_quantises(caplog):
+    """Regression (issue 10): the quantisation-range check ran in fit() on the raw parameters, before the update mod
+    clipped them, so every device refused updates that fit once clipped ("weighted peak 20.5 vs clipping_range
+    8.0"). Now the SecAgg+ mod checks the final update: raw peak 21, clipped to norm 1, is accepted; the same
+    update on a device that does not clip it is refused with the message, and the round goes on without it."""
+    from fl_ser.privacy.boundary import make_boundary_mod
+    from fl_ser.privacy.policy import DevicePolicy, make_policy_mods
+
+    def device(max_update_norm):
+        clip = make_policy_mods(lambda ctxt: (DevicePolicy(max_update_norm=max_update_norm), None))[1]
+        return in_process_device(raw, outer=[make_boundary_mod(True, uniform_weight=True)], inner=[clip])
+
+    raw = [np.full(a.shape, 20.0, dtype=np.float32) for a in GLOBAL]  # global + raw peaks at 21 > 0.9 x 8
+    norm = np.sqrt(sum(float((r**2).sum()) for r in raw))
+    new, _ = in_process_secagg_round({100: device(1.0), 101: device(1.0), 102: device(None)}, GLOBAL)
+    for got, g, r in zip(new, GLOBAL, raw, strict=True):
+        np.testing.assert_allclose(got, g + r / norm, atol=2 * QUANTISATION)  # the two clipped updates
+    assert "weighted peak 21 vs clipping_range 8.0 (weight 1, max_weight 1.0)" in caplog.text
+    assert "Raise aggregation.clipping_range" in caplog.text
+    assert caplog.text.count("does not fit SecAgg+'s quantisation range") == 1  # only the device that did not clip
+
+
 def test_a_server_unmasking_with_flowers_prg_gets_a_wrong_sum():
     """Proof that the server-side PRG matters: the devices mask with ChaCha20, so Flower's Mersenne Twister
     cannot remove their masks."""
@@ -149,12 +171,16 @@ INSTALLERS = {
     "secagg-device-crypto": compat.install_secagg_device_crypto,
     "secagg-server-crypto": compat.install_secagg_server_crypto,
     "secagg-setup-stage": lambda: compat.SecAggPlus(num_shares=3, reconstruction_threshold=2),
+    "secagg-reply-check": compat.check_secagg_stages,
+    "secagg-quantisation-range": compat.check_secagg_device_state,
     "simulation-dispatch": lambda: compat.proportional_dispatch().__enter__(),
     "supernode-capped-sleep": lambda: compat.install_capped_sleep(0.1),
     "superexec-fork-executor": compat.install_fork_executor,
     "grid-poll-interval": lambda: compat.PromptGrid(InProcessGrid({}), 0.1),
     "control-api-run-status": lambda: compat.RunFollower("/nonexistent", "fl-ser"),
     "supernode-arguments": lambda: compat.supernode_args([]),
+    "resumable-rounds": lambda: compat.ResumableWorkflow(start_round=3),
+    "csprng-sampling": compat.csprng_client_manager,
 }
 
 
@@ -389,3 +415,19 @@ def test_a_secagg_federation_runs_fl_sers_crypto_and_dispatcher(tmp_path):
     expected = [g + np.mean([update_of(p)[i] for p in range(n)], axis=0) for i, g in enumerate(init)]
     for got, want in zip(seen[-1][1], expected, strict=True):
         np.testing.assert_allclose(got, want, atol=n * QUANTISATION)
+
+
+def test_cohorts_come_from_the_os_csprng_and_reseeding_random_does_not_replay_them():
+    import random
+    from types import SimpleNamespace
+
+    manager = compat.csprng_client_manager()
+    for cid in range(50):
+        manager.register(SimpleNamespace(cid=str(cid)))
+    assert isinstance(manager.rng, random.SystemRandom)
+    draws = []
+    for _ in range(2):
+        random.seed(0)  # Flower's own sampler would now repeat its cohort
+        draws.append([p.cid for p in manager.sample(10)])
+    assert len(set(draws[0])) == 10 and draws[0] != draws[1]  # 1 in C(50,10)*10! chance to collide
+    assert manager.sample(51, min_num_clients=1) == []

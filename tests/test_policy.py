@@ -136,7 +136,7 @@ def test_secagg_setup_with_a_small_cohort_or_low_threshold_is_refused(tmp_path):
 def test_a_tampering_server_in_a_federation_learns_nothing(tmp_path, monkeypatch):
     """The federation test of the same: a ServerApp that sends every device a norm 100x the experiment's and no
     noise share. Every device refuses; no update is aggregated; no device spends privacy."""
-    from experiments.train import run
+    from experiments.train import RunFailed, run
     from server.user_dp import UserLevelDP
 
     configure = UserLevelDP.configure_fit
@@ -149,10 +149,12 @@ def test_a_tampering_server_in_a_federation_learns_nothing(tmp_path, monkeypatch
 
     monkeypatch.setattr(UserLevelDP, "configure_fit", greedy)  # the server runs in this process
     cfg = make_config(tmp_path, *SMALL, *DISTRIBUTED, "rounds=2", "release.deploy=false")
-    summary = run(cfg)
+    with pytest.raises(RunFailed, match="untrained after 2 of 2 rounds"):  # never a 'done' line for no model
+        run(cfg)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["participants"] for r in rounds] == [0, 0, 0]
-    assert summary["epsilon_sample_max"] is None  # no device trained
+    assert [r["participants"] for r in rounds] == [0, 0, 0] and summary["empty_rounds"] == [1, 2]
+    assert summary["epsilon_sample_max"] is None and "release" not in summary  # no device trained, nothing released
     logs = " ".join(p.read_text() for p in Path(cfg.privacy.ledger_dir).glob("*.log"))
     assert "above the device's maximum 4.0" in logs
 

@@ -21,7 +21,7 @@ def results(values, weights=None):
 
 def aggregate(strategy, values, sampled, weights=None):
     """Aggregate updates from devices 0..len(values)-1 of ``sampled`` devices 0..sampled-1."""
-    strategy._sampled = {str(i) for i in range(sampled)}
+    strategy.sampled = {str(i) for i in range(sampled)}
     params, _ = strategy.aggregate_fit(1, results(values, weights), [])
     return parameters_to_ndarrays(params)[0]
 

@@ -85,6 +85,9 @@ def main() -> None:
     quick = ("data.num_speakers=4", "partition.num_test_speakers=1", "data.utterances_per_emotion=2") \
         if args.quick else ()
     quiet_console()
+    if (out / "runs").exists():  # the bench's own scratch runs (its results are bench.json and bench.md)
+        print(f"bench: clearing its scratch runs of an earlier bench in {out / 'runs'}", flush=True)
+        shutil.rmtree(out / "runs")
     cfg = config(out / "runs" / "default", *quick)
     notes = ["Ghost clipping is not measured: fl-ser's trainer uses Opacus hooks mode (the default model's "
              "full-batch DP-GD step has no per-sample-gradient memory problem to solve)."]
@@ -131,8 +134,7 @@ def main() -> None:
         cold = out / "runs" / f"{key}_device_caches"  # every sampled device featurises its recordings afresh,
         shutil.rmtree(cold, ignore_errors=True)       # so figures do not depend on what earlier runs left
         sim = scale.simulate_scale(config(out / "runs" / key, "+experiment=user_level_dp",
-                                          f"data.num_speakers={size + test}", f"partition.num_test_speakers={test}",
-                                          f"clients_per_round={sampled}", "rounds=3", "release.deploy=false",
+                                          *scale.federation_overrides(size, sampled, test), "rounds=3",
                                           cache_dir=cold))
         shutil.rmtree(cold, ignore_errors=True)
         bench[f"{key}_s_per_round"], bench[f"{key}_peak_gb"] = sim["s_per_round"], sim["peak_gb"]

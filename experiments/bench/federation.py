@@ -77,16 +77,19 @@ def _use_flower_masks(module_name: str) -> None:
 def fixed_update_federation(init: list[np.ndarray], update_of: Callable[[int], list[np.ndarray]], num_devices: int,
                             secure: bool, rounds: int = 1, clipping_norm: float = 1.0,
                             measure_dir: str | None = None, around_secagg: Sequence[Callable] = (),
-                            masks: str = "fl-ser") -> list[tuple[float, list]]:
+                            masks: str = "fl-ser", network: Sequence[Callable] = (),
+                            reports: list | None = None) -> list[tuple[float, list]]:
     """A federation whose device i returns (global + update_of(i)) through the project's real device mods
     (privacy boundary, fl-ser's SecAgg+ mod, the update clipping of the device's policy) and server pieces
-    (UserLevelDP without noise, the SecAgg+ workflow as configured), on the project's simulation runtime.
-    Returns (time, global arrays) after each round. ``update_of`` travels with every message (Flower ships the
-    ClientApp to its workers each time), so it should compute the update rather than hold everyone's. With
-    ``measure_dir``, each device logs the seconds spent inside the SecAgg+ mod ("outer") and in what it wraps
-    ("inner"). ``around_secagg``: mods placed just outside the SecAgg+ mod (tests observe the protocol there).
-    ``masks="flower"`` is for benchmarks only: both sides expand masks with Flower's own (weak) PRG, to measure
-    what fl-ser's costs.
+    (ReplyCheck around UserLevelDP without noise, the SecAgg+ workflow as configured), on the project's
+    simulation runtime. Returns (time, global arrays) after each round. ``update_of`` travels with every message
+    (Flower ships the ClientApp to its workers each time), so it should compute the update rather than hold
+    everyone's. With ``measure_dir``, each device logs the seconds spent inside the SecAgg+ mod ("outer") and in
+    what it wraps ("inner"). ``around_secagg``: mods placed just outside the SecAgg+ mod (tests observe the
+    protocol there). ``network``: mods outside the device's privacy boundary (fault injection,
+    :mod:`clients.faults`). ``reports``: gets each round's reports, ``{"fit": ReplyCheck.last_round, "secagg":
+    SecAggPlus.round_report or None}``. ``masks="flower"`` is for benchmarks only: both sides expand masks with
+    Flower's own (weak) PRG, to measure what fl-ser's costs.
     """
     from flwr.client import ClientApp, NumPyClient
     from flwr.common import ndarrays_to_parameters
@@ -99,6 +102,7 @@ def fixed_update_federation(init: list[np.ndarray], update_of: Callable[[int], l
     from fl_ser.privacy.boundary import make_boundary_mod
     from fl_ser.privacy.policy import DevicePolicy, make_policy_mods
     from server.grid import prompt_grid
+    from server.replies import ReplyCheck
     from server.secagg import secagg_workflow
     from server.user_dp import UserLevelDP
 
@@ -112,7 +116,7 @@ def fixed_update_federation(init: list[np.ndarray], update_of: Callable[[int], l
         def fit(self, parameters, config):
             return [p + u for p, u in zip(parameters, self.update, strict=True)], 1, {"declined": 0}
 
-    mods = [make_boundary_mod(secure, uniform_weight=True)]
+    mods = [*network, make_boundary_mod(secure, uniform_weight=True)]
     if secure:
         inner = [_benchmark_only_flower_masks_mod] if masks == "flower" else []
         if measure_dir:
@@ -128,13 +132,20 @@ def fixed_update_federation(init: list[np.ndarray], update_of: Callable[[int], l
 
     @server.main()
     def main(grid, context):
-        strategy = UserLevelDP(
-            FedAvg(fraction_fit=1.0, min_fit_clients=num_devices, min_available_clients=num_devices,
-                   fraction_evaluate=0.0, initial_parameters=ndarrays_to_parameters(init),
-                   evaluate_fn=lambda r, arrays, c: seen.append((time.perf_counter(), arrays)) if r else None),
-            clipping_norm=clipping_norm, noise_multiplier=0.0, placement="server")
-        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
         fit_workflow = secagg_workflow(cfg, num_devices) if secure else None
+
+        def evaluate(server_round, arrays, config):
+            if server_round:
+                seen.append((time.perf_counter(), arrays))
+                if reports is not None:
+                    reports.append({"fit": strategy.last_round,
+                                    "secagg": fit_workflow.round_report if secure else None})
+
+        strategy = ReplyCheck(UserLevelDP(
+            FedAvg(fraction_fit=1.0, min_fit_clients=num_devices, min_available_clients=num_devices,
+                   fraction_evaluate=0.0, initial_parameters=ndarrays_to_parameters(init), evaluate_fn=evaluate),
+            clipping_norm=clipping_norm, noise_multiplier=0.0, placement="server"))
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
         if secure and masks == "flower":
             _use_flower_masks(SECAGG_SERVER_MODULE)
         DefaultWorkflow(fit_workflow=fit_workflow)(prompt_grid(grid, cfg), legacy)
@@ -178,9 +189,12 @@ class InProcessGrid(Grid):
     run = property(_not_used)
 
 
-def in_process_device(update: list[np.ndarray], masks: str = "fl-ser", secagg_mod: Callable | None = None):
+def in_process_device(update: list[np.ndarray], masks: str = "fl-ser", secagg_mod: Callable | None = None,
+                      outer: Sequence[Callable] = (), inner: Sequence[Callable] = ()):
     """A device (its mod chain) that adds ``update`` to the global model behind fl-ser's SecAgg+ mod, or behind
-    ``secagg_mod``; ``masks="flower"`` (benchmarks only) masks with Flower's own PRG."""
+    ``secagg_mod``; ``outer`` mods go before the SecAgg+ mod (e.g. the privacy boundary), ``inner`` ones between
+    it and training (e.g. the policy's update clipping); ``masks="flower"`` (benchmarks only) masks with
+    Flower's own PRG."""
     from flwr.client.mod.utils import make_ffn
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as rd
@@ -193,8 +207,8 @@ def in_process_device(update: list[np.ndarray], masks: str = "fl-ser", secagg_mo
         return Message(rd.fitres_to_recorddict(FitRes(Status(Code.OK, ""), new, 1, {}), keep_input=False),
                        reply_to=msg)
 
-    inner = [_benchmark_only_flower_masks_mod] if masks == "flower" else []
-    return make_ffn(fit, [secagg_mod or secaggplus_mod, *inner])
+    flower_masks = [_benchmark_only_flower_masks_mod] if masks == "flower" else []
+    return make_ffn(fit, [*outer, secagg_mod or secaggplus_mod, *flower_masks, *inner])
 
 
 def in_process_secagg_round(devices: dict[int, Callable], init: list[np.ndarray], server_masks: str = "fl-ser"):

@@ -35,6 +35,14 @@ class PeakRSS:
         self._thread.join()
 
 
+def federation_overrides(devices: int, per_round: int, test_speakers: int = 10) -> list[str]:
+    """Hydra overrides for a large synthetic federation: ``devices`` training speakers (one device each) and
+    ``test_speakers`` held out, ``per_round`` sampled each round, no release to every device after the last round
+    (the scale bench and the soak, ``experiments.soak``, measure rounds)."""
+    return [f"data.num_speakers={devices + test_speakers}", f"partition.num_test_speakers={test_speakers}",
+            f"clients_per_round={per_round}", "release.deploy=false"]
+
+
 def simulate_scale(cfg) -> dict:
     """Run a few rounds of the configured federation; per-round time excludes round 1 (feature extraction, start-up)."""
     import json

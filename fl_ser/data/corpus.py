@@ -52,23 +52,39 @@ class Utterance:
 
 @dataclass
 class LoadReport:
-    """What happened while loading audio: how many files were skipped and why."""
+    """What happened while loading audio: which files were skipped and why, and what was noted about kept ones.
+
+    Reasons and notes are those of :mod:`fl_ser.data.audio` (``REASONS``, ``NOTES``); it is plain data
+    (:meth:`to_dict`), so a feature cache can keep it without pickle.
+    """
 
     loaded: int = 0
     skipped: dict[str, list[str]] = field(default_factory=dict)
+    noted: dict[str, list[str]] = field(default_factory=dict)
 
     def skip(self, reason: str, uid: str) -> None:
         self.skipped.setdefault(reason, []).append(uid)
+
+    def note(self, note: str, uid: str) -> None:
+        self.noted.setdefault(note, []).append(uid)
 
     @property
     def num_skipped(self) -> int:
         return sum(len(v) for v in self.skipped.values())
 
+    def to_dict(self) -> dict:
+        return {"loaded": self.loaded, "skipped": self.skipped, "noted": self.noted}
+
     def summary(self) -> str:
-        if not self.num_skipped:
-            return f"{self.loaded} utterances loaded"
-        reasons = ", ".join(f"{len(v)} {k} (e.g. {v[0]})" for k, v in sorted(self.skipped.items()))
-        return f"{self.loaded} utterances loaded, {self.num_skipped} skipped: {reasons}"
+        def listing(uids_by_reason: dict[str, list[str]]) -> str:
+            return ", ".join(f"{len(v)} {k} (e.g. {v[0]})" for k, v in sorted(uids_by_reason.items()))
+
+        text = f"{self.loaded} utterances loaded"
+        if self.num_skipped:
+            text += f", {self.num_skipped} skipped: {listing(self.skipped)}"
+        if self.noted:
+            text += f"; noted: {listing(self.noted)}"
+        return text
 
 
 class Corpus(abc.ABC):
@@ -132,22 +148,34 @@ class Corpus(abc.ABC):
     def _load_audio(self, utt: Utterance) -> np.ndarray:
         """Return float32 mono audio at SAMPLE_RATE, or raise AudioError."""
 
+    def _load_noted(self, utt: Utterance) -> tuple[np.ndarray, tuple[str, ...]]:
+        """The utterance's audio and what was noted reading it (``fl_ser.data.audio.NOTES``); generated audio has
+        no notes."""
+        return self._load_audio(utt), ()
+
+    def fingerprint(self, speaker: str) -> dict:
+        """What one speaker's audio depends on beyond the corpus config and the code (a feature cache key part):
+        nothing for generated audio; file corpora add each file's size and modification time."""
+        return {}
+
     def load_speaker(self, speaker: str) -> tuple[list[Utterance], list[np.ndarray], LoadReport]:
-        """Load every usable utterance of one speaker; bad files are skipped and counted."""
+        """Load every usable utterance of one speaker; bad files are skipped and counted, notes counted."""
         from fl_ser.data.audio import AudioError
 
         report = LoadReport()
         kept, waves = [], []
         for utt in self.utterances_of(speaker):
             try:
-                wave = self._load_audio(utt)
+                wave, notes = self._load_noted(utt)
             except AudioError as err:
                 report.skip(err.reason, utt.uid)
                 continue
+            for note in notes:
+                report.note(note, utt.uid)
             kept.append(utt)
             waves.append(wave)
         report.loaded = len(kept)
-        if report.num_skipped:
+        if report.num_skipped or report.noted:
             log.warning("%s speaker %s: %s", self.name, speaker, report.summary())
         return kept, waves, report
 
