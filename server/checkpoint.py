@@ -79,7 +79,9 @@ def load(run_dir: str | Path) -> ServerState | None:
 
 
 def _innermost(strategy):
-    while hasattr(strategy, "strategy"):  # fl-ser's wrappers (UserLevelDP, the reply check) hold the inner one
+    from server.wrapped_strategy import WrappedStrategy
+
+    while isinstance(strategy, WrappedStrategy):  # UserLevelDP, the reply check
         strategy = strategy.strategy
     return strategy
 

@@ -23,6 +23,7 @@ from flwr.common import parameters_to_ndarrays
 from flwr.server.strategy import Strategy
 
 from fl_ser.round_report import NO_REPLY, RoundReport, failure_cause
+from server.wrapped_strategy import WrappedStrategy
 
 log = logging.getLogger("fl_ser.server")
 
@@ -49,12 +50,11 @@ def update_problem(arrays: list[np.ndarray], shapes: list[tuple[int, ...]]) -> s
     return None
 
 
-class ReplyCheck(Strategy):
+class ReplyCheck(WrappedStrategy):
     """Wrap a strategy: pass on only fit results that match the global model, and report each round's replies."""
 
     def __init__(self, strategy: Strategy):
-        super().__init__()
-        self.strategy = strategy
+        super().__init__(strategy)
         self._shapes: list[tuple[int, ...]] = []
         self._report = RoundReport()
 
@@ -66,9 +66,6 @@ class ReplyCheck(Strategy):
         """The last round's fit report (:class:`~fl_ser.round_report.RoundReport` as a JSON-able dict, node ids as
         ints); until the round's results arrive it names only the sampled devices."""
         return self._report.as_dict()
-
-    def initialize_parameters(self, client_manager):
-        return self.strategy.initialize_parameters(client_manager)
 
     def configure_fit(self, server_round, parameters, client_manager):
         instructions = self.strategy.configure_fit(server_round, parameters, client_manager)
@@ -105,11 +102,3 @@ class ReplyCheck(Strategy):
             return None, {}
         return self.strategy.aggregate_fit(server_round, kept, [*failures, *rejected])
 
-    def configure_evaluate(self, server_round, parameters, client_manager):
-        return self.strategy.configure_evaluate(server_round, parameters, client_manager)
-
-    def aggregate_evaluate(self, server_round, results, failures):
-        return self.strategy.aggregate_evaluate(server_round, results, failures)
-
-    def evaluate(self, server_round, parameters):
-        return self.strategy.evaluate(server_round, parameters)

@@ -28,20 +28,20 @@ from flwr.server.strategy import Strategy
 
 from fl_ser.privacy.noise import add_gaussian
 from fl_ser.protocol import KEY_CLIPPING_NORM, KEY_DEVICE_NOISE_STD
+from server.wrapped_strategy import WrappedStrategy
 
 log = logging.getLogger("fl_ser.server")
 
 
-class UserLevelDP(Strategy):
+class UserLevelDP(WrappedStrategy):
     """Wrap a strategy: send C to devices, aggregate uniformly, add calibrated Gaussian noise, then delegate."""
 
     def __init__(self, strategy: Strategy, clipping_norm: float, noise_multiplier: float, placement: str):
-        super().__init__()
+        super().__init__(strategy)
         if clipping_norm <= 0:
             raise ValueError("privacy.update_clipping.clipping_norm must be positive")
         if placement not in ("server", "distributed"):
             raise ValueError(f"privacy.user_level.placement must be 'server' or 'distributed', got {placement!r}")
-        self.strategy = strategy
         self.clipping_norm = clipping_norm
         self.noise_multiplier = noise_multiplier
         self.placement = placement
@@ -51,9 +51,6 @@ class UserLevelDP(Strategy):
     def __repr__(self) -> str:
         return (f"UserLevelDP({self.strategy!r}, C={self.clipping_norm}, z={self.noise_multiplier}, "
                 f"placement={self.placement})")
-
-    def initialize_parameters(self, client_manager):
-        return self.strategy.initialize_parameters(client_manager)
 
     def configure_fit(self, server_round, parameters, client_manager):
         instructions = self.strategy.configure_fit(server_round, parameters, client_manager)
@@ -94,11 +91,3 @@ class UserLevelDP(Strategy):
             r.num_examples = 1
         return self.strategy.aggregate_fit(server_round, results, [])
 
-    def configure_evaluate(self, server_round, parameters, client_manager):
-        return self.strategy.configure_evaluate(server_round, parameters, client_manager)
-
-    def aggregate_evaluate(self, server_round, results, failures):
-        return self.strategy.aggregate_evaluate(server_round, results, failures)
-
-    def evaluate(self, server_round, parameters):
-        return self.strategy.evaluate(server_round, parameters)

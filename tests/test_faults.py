@@ -27,24 +27,11 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from clients.faults import FaultConfigError, FaultPlan, corrupted, make_fault_mod, node_names, stage_of
 from fl_ser.round_report import MALFORMED, SECAGG_STAGES, failure_cause
 from tests.conftest import make_config
+from tests.test_secagg import CLIP, GLOBAL, NUM_DEVICES, clipped, device_update
 
-NUM_DEVICES = 5
-CLIP = 1.0
-GLOBAL = [np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), np.full(5, 0.5, dtype=np.float32)]
 QUANTISATION = 2 * 8.0 / 2**22  # one quantisation step at clipping_range 8 and Flower's 2^22 levels
 LOST = "4 flower: reply message unavailable"  # when=after: the device did the work, its reply was lost
 CRASHED = "5 flower: node unavailable"  # when=before: the device crashed on receipt
-
-
-def device_update(pid: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(pid)
-    scale = 3.0 if pid % 2 else 0.2  # odd devices exceed the clipping norm
-    return [rng.normal(0, scale / 4, a.shape).astype(np.float32) for a in GLOBAL]
-
-
-def clipped(update):
-    norm = np.sqrt(sum(float((u**2).sum()) for u in update))
-    return [u * min(1.0, CLIP / norm) for u in update]
 
 
 def fault(server_round: int, stage: str, pids, when: str = "after", corrupt: str | None = None):

@@ -1,26 +1,40 @@
-"""Lab trials on the Deployment Engine: key material, TLS and node authentication, rehearsals with dropouts."""
+"""Lab trials on the Deployment Engine: key material, TLS and node authentication, rehearsals with faults: a
+device that vanishes, a device that restarts, a ServerApp that dies and is resumed."""
 
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import soundfile as sf
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
+from omegaconf import OmegaConf
 
 from experiments.deployment import CONNECTION, flwr_cli, flwr_env
 from experiments.lab.pki import Lab, LabError, prepare_lab
-from experiments.lab.processes import Processes, flower_bin, free_port
-from experiments.lab.rehearsal import READY, Dropout, leaked_keys, start_superlink
+from experiments.lab.processes import ProcessError, Processes, flower_bin, free_port
+from experiments.lab.rehearsal import (
+    READY,
+    DeviceFault,
+    ServerFault,
+    check_faults,
+    leaked_keys,
+    start_superlink,
+    training_rounds,
+)
 from tests.conftest import REPO
 
-SMALL = ["data.num_speakers=5", "partition.num_test_speakers=2", "rounds=2"]  # 3 devices, 2 held out
+SMALL = ["data.num_speakers=5", "partition.num_test_speakers=2"]  # 3 devices, 2 held out
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +79,52 @@ def test_leak_check_finds_a_private_key_anywhere_in_the_outputs(tmp_path, lab):
     assert leaked_keys(lab, tmp_path) == ["sub/dump.json"]
 
 
-def test_dropout_option_parsing():
-    assert Dropout.parse("device-02@3") == Dropout("device-02", 3)
-    with pytest.raises(LabError, match="DEVICE@ROUND"):
-        Dropout.parse("device-2")
+def test_fault_options_parse_and_are_checked_against_the_rehearsal():
+    assert DeviceFault.parse("device-02@3") == DeviceFault("device-02", 3)
+    assert DeviceFault.parse("device-01@2", restart=True) == DeviceFault("device-01", 2, restart=True)
+    with pytest.raises(LabError, match="--drop 'device-2': expected DEVICE@ROUND"):
+        DeviceFault.parse("device-2")
+    with pytest.raises(LabError, match="--restart 'device-01@0'"):
+        DeviceFault.parse("device-01@0", restart=True)
+    assert ServerFault.parse("3") == ServerFault(3) and ServerFault.parse("2", superlink=True) == ServerFault(2, True)
+    with pytest.raises(LabError, match="--kill-superlink 'x': expected a round number"):
+        ServerFault.parse("x", superlink=True)
+    devices = ("device-00", "device-01", "device-02")
+    check_faults((DeviceFault("device-00", 2), DeviceFault("device-01", 1, True)), ServerFault(3), devices, rounds=4)
+    with pytest.raises(LabError, match="not one of this rehearsal's devices"):
+        check_faults((DeviceFault("device-07", 1),), None, devices, rounds=4)
+    with pytest.raises(LabError, match="only 4 rounds"):
+        check_faults((DeviceFault("device-00", 5, True),), None, devices, rounds=4)
+    with pytest.raises(LabError, match="device-01: one fault per device"):
+        check_faults((DeviceFault("device-01", 1), DeviceFault("device-01", 2, True)), None, devices, rounds=4)
+    for fault in (ServerFault(4), ServerFault(4, superlink=True)):  # after the last round: nothing to resume
+        with pytest.raises(LabError, match=f"{fault.option} 4: give a round from 1 to 3"):
+            check_faults((), fault, devices, rounds=4)
+
+
+def test_processes_restart_as_started_and_kill_a_helper_by_program_name(tmp_path):
+    procs = Processes(dict(os.environ))
+    helper = "import subprocess, time; subprocess.Popen(['sleep', '60']).wait(); time.sleep(60)"  # reaps it
+    try:
+        first = procs.start("parent", [sys.executable, "-c", helper], tmp_path / "parent.log")
+        deadline = time.monotonic() + 30
+        while not psutil.Process(first.popen.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (sleeper,) = psutil.Process(first.popen.pid).children()
+        assert procs.kill_descendants("parent", "python") == []  # the parent itself is not its own descendant
+        assert procs.kill_descendants("parent", "sleep") == [sleeper.pid]
+        sleeper.wait(timeout=10)
+        assert first.popen.poll() is None  # only the helper went
+        with pytest.raises(ProcessError, match="still running"):
+            procs.restart("parent")
+        procs.kill("parent")
+        first.popen.wait(timeout=10)
+        second = procs.restart("parent")
+        assert second.popen.pid != first.popen.pid and second.args == first.args and second.env == first.env
+        assert second.popen.poll() is None and procs.dead() == []
+    finally:
+        procs.stop()
+    assert procs.dead() == ["parent"]
 
 
 @pytest.mark.slow
@@ -117,10 +173,10 @@ def device_cache(tmp_path_factory):
     return tmp / "cache"
 
 
-def rehearse(tmp_path, lab, cache, *args):
+def rehearse(tmp_path, lab, cache, *args, rounds=2):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "experiments.lab", "rehearse", "--lab", str(lab.root), *args, *SMALL,
-           f"hydra.run.dir={run_dir}", f"cache_dir={cache}"]
+           f"rounds={rounds}", f"hydra.run.dir={run_dir}", f"cache_dir={cache}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir
@@ -177,7 +233,66 @@ def test_a_device_that_vanishes_mid_run_does_not_corrupt_the_round(tmp_path, lab
     summary = json.loads((run_dir / "summary.json").read_text())
     record = json.loads((run_dir / "lab" / "rehearsal.json").read_text())
     assert record["dropped"] == {"2": ["device-02"]}
+    assert [(f["device"], f["kind"], f["restarted_at_s"]) for f in record["faults"]] == [("device-02", "drop", None)]
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["participants"] for r in rounds] == [0, 3, 2]
     assert np.isfinite(summary["uar"]) and summary["uar"] > 1 / 7  # the round with 2 devices still aggregated
+    assert no_flower_processes_left(run_dir)
+
+
+def dropped_nodes(row: dict) -> set[str]:
+    return {node for nodes in row["dropped"].values() for node in nodes}
+
+
+@pytest.mark.slow
+def test_a_restarted_device_rejoins_and_a_killed_server_resumes_without_losing_anything(tmp_path, lab,
+                                                                                         device_cache):
+    """One rehearsal, two faults: device-01's SuperNode is killed while it trains in round 2 and started again;
+    the ServerApp is SIGKILLed after round 3 and the run resumed as a new Flower run on the same lab. Five rounds,
+    so that the device (back ~60 s after its kill, when the SuperLink counts it offline) is surely in the last."""
+    from fl_ser.privacy.accountant import epsilon, user_level_epsilon
+
+    z_user = 0.1  # user-level noise on, small: 3 devices' mean with more noise leaves SecAgg+'s quantisation range
+    run_dir = rehearse(tmp_path, lab, device_cache, "--restart", "device-01@2", "--kill-server", "3",
+                       "federation=deployment", "federation.reply_timeout_s=20",
+                       f"privacy.user_level.noise_multiplier={z_user}", rounds=5)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    record = json.loads((run_dir / "lab" / "rehearsal.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    # The server: killed after round 3's checkpoint, resumed from it, every round recorded once.
+    kill = record["server_kill"]
+    assert kill["killed"] == "ServerApp" and kill["checkpointed_round"] == 3 and len(kill["pids"]) == 1
+    assert list(kill["status_after_kill"].values()) == ["running"]  # Flower has not noticed yet: we stop it
+    assert str(kill["resumed_flower_run_id"]) != kill["stopped_flower_runs"][0]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    assert summary["status"] == "completed" and summary["resumed_after"] == [3] and summary["rounds_completed"] == 5
+    user = cfg.privacy.user_level
+    assert summary["epsilon_user"] == pytest.approx(user_level_epsilon(z_user, 1.0, 5, user.delta, user.accountant),
+                                                    rel=1e-9)
+
+    # The device: dropped from the round it was killed in, back under the same node id, a participant again.
+    (fault,) = record["faults"]
+    node = record["devices"]["device-01"]["node_id"]
+    assert (fault["device"], fault["kind"], fault["round"]) == ("device-01", "restart", 2)
+    assert fault["restarted_at_s"] > fault["killed_at_s"] and fault["node_id_after_restart"] == node
+    assert "device-01" in record["dropped"]["2"]
+    assert rows[5]["participants"] == 3 and node not in dropped_nodes(rows[5])
+
+    # Every device's ledger: one run uid, every round whose update arrived recorded, nothing lost across the kill.
+    for device, info in record["devices"].items():
+        ledger = json.loads((Path(info["device_dir"]) / "privacy" / "ledger.json").read_text())
+        assert {e["run"] for e in ledger["events"]} == {cfg.run_uid}
+        trained = training_rounds(info["device_dir"])
+        arrived = [r["round"] for r in rows[1:] if info["node_id"] not in dropped_nodes(r)]
+        assert set(arrived) <= set(trained), (device, arrived, trained)
+        if device == "device-01":
+            before = fault["ledger_training_rounds_before_kill"]
+            assert trained[:len(before)] == before and 5 in trained  # append-only; it trained again after restart
+        else:
+            assert len(trained) in (5, 6), trained  # 6: round 4 of the killed run had trained (spent, so counted)
+        spent = [tuple(m) for e in ledger["events"] for m in e["mechanisms"]]
+        reported = info["report"]["global_model_on_own_data"]["epsilon"]
+        assert reported == pytest.approx(epsilon(spent, cfg.privacy.dp_sgd.delta, cfg.privacy.dp_sgd.accountant))
     assert no_flower_processes_left(run_dir)

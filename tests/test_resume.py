@@ -232,3 +232,14 @@ def test_sigkill_after_round_k_then_resume_loses_nothing_and_counts_nothing_twic
         lifetimes.append(lifetime)
     assert summary["epsilon_sample_max"] == pytest.approx(max(lifetimes))
     assert devices == summary["num_devices"]
+
+
+def test_a_resume_logs_into_its_runs_dir_and_a_new_run_gets_a_fresh_one():
+    from hydra import compose, initialize_config_dir
+
+    import experiments  # noqa: F401  (registers the run-dir resolver, as every entry point does)
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        fresh = compose("config", return_hydra_config=True).hydra.run.dir
+        again = compose("config", overrides=["resume=/runs/a"], return_hydra_config=True).hydra.run.dir
+    assert fresh.startswith("outputs/") and again == "/runs/a"

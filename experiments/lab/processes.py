@@ -5,6 +5,12 @@ ServerApp and ClientApp processes) in new sessions, so killing a process group
 is not enough: :meth:`Processes.stop` collects every descendant of each process
 it started (``psutil``) before terminating them, and kills what is left after a
 grace period. It runs on normal exit, on errors and on Ctrl-C / SIGTERM.
+
+For fault rehearsals a process tree can be killed at once (:meth:`Processes.kill`, a
+device vanishing), started again with its own command line and environment
+(:meth:`Processes.restart`, a device coming back), and a helper process found by
+its program name among a started process's descendants and killed
+(:meth:`Processes.kill_descendants`, e.g. the SuperLink's ``flwr-serverapp``).
 """
 
 from __future__ import annotations
@@ -44,9 +50,11 @@ def flower_bin(name: str) -> str:
 @dataclass
 class Started:
     name: str
+    args: list[str]
+    env: dict[str, str]
     popen: subprocess.Popen
     log: Path
-    offset: int  # the log's size when this process started (a log may be appended to across reruns)
+    offset: int  # the log's size when this process started (a log is appended to across restarts and reruns)
 
     def output(self) -> str:
         with open(self.log, "rb") as f:
@@ -65,11 +73,19 @@ class Processes:
     def start(self, name: str, args: list[str], log: Path, env: dict[str, str] | None = None) -> Started:
         log.parent.mkdir(parents=True, exist_ok=True)
         offset = log.stat().st_size if log.exists() else 0
+        env = env or self.env
         with open(log, "ab") as out:
-            popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env or self.env, start_new_session=True)
-        self.started[name] = Started(name, popen, log, offset)
+            popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                     start_new_session=True)
+        self.started[name] = Started(name, args, env, popen, log, offset)
         return self.started[name]
+
+    def restart(self, name: str) -> Started:
+        """Start ``name`` again exactly as before (command line, environment, log appended to)."""
+        old = self.started[name]
+        if old.popen.poll() is None:
+            raise ProcessError(f"{name} (pid {old.popen.pid}) is still running; kill it before restarting it")
+        return self.start(name, old.args, old.log, old.env)
 
     def wait_for_log(self, name: str, texts: tuple[str, ...], timeout: float) -> None:
         """Block until the process's log shows all ``texts``; fail with its log's tail if it exits or times out."""
@@ -90,6 +106,22 @@ class Processes:
     def kill(self, name: str) -> None:
         """Kill one process and everything it started, at once (a device vanishing mid-round)."""
         self._signal_tree(self.started[name].popen.pid, force=True)
+
+    def kill_descendants(self, name: str, program: str) -> list[int]:
+        """Kill, with everything they started, the descendants of ``name`` that run ``program`` (the file name of
+        their executable or, for a script, of the script, e.g. ``flwr-serverapp``); returns their pids."""
+        try:
+            family = psutil.Process(self.started[name].popen.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        found = []
+        for p in family:
+            with contextlib.suppress(psutil.Error):
+                if any(Path(word).name == program for word in p.cmdline()[:2]):
+                    found.append(p.pid)
+        for pid in found:
+            self._signal_tree(pid, force=True)
+        return found
 
     def stop(self) -> None:
         """Terminate every started process and its descendants; kill whatever outlives the grace period."""
