@@ -240,6 +240,7 @@ def test_a_resume_logs_into_its_runs_dir_and_a_new_run_gets_a_fresh_one():
     import experiments  # noqa: F401  (registers the run-dir resolver, as every entry point does)
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        fresh = compose("config", return_hydra_config=True).hydra.run.dir
-        again = compose("config", overrides=["resume=/runs/a"], return_hydra_config=True).hydra.run.dir
-    assert fresh.startswith("outputs/") and again == "/runs/a"
+        fresh = compose("config", return_hydra_config=True).hydra
+        again = compose("config", overrides=["resume=/runs/a"], return_hydra_config=True).hydra
+    assert fresh.run.dir.startswith("outputs/") and fresh.output_subdir == ".hydra"
+    assert again.run.dir == "/runs/a" and again.output_subdir.startswith(".hydra/resumed-")  # the first's is kept
