@@ -8,7 +8,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 OUT ?= outputs/bench
 
-.PHONY: run test bench soak lint clean-venv
+.PHONY: run test bench soak frontier lint clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ bench: $(STAMP)
 # The load soak (hours: 1,000 devices, 50 per round, 200 rounds, full privacy stack); not part of `make test`.
 soak: $(STAMP)
 	$(PY) -m experiments.soak --out outputs/soak
+
+# The privacy-utility frontier (a speaker k-fold crossval per privacy mode and target epsilon; hours at the
+# defaults). Resume a stopped sweep with the same ARGS plus hydra.run.dir=ITS_DIR.
+frontier: $(STAMP)
+	$(PY) -m experiments.frontier $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -173,14 +173,16 @@ def normalization(cfg: DictConfig):
     return _normalization(encode(cfg))
 
 
-def dp_config(cfg: DictConfig):
-    """The device's DP-SGD settings, or None when sample-level DP is off."""
+def dp_config(cfg: DictConfig, num_examples: int):
+    """The device's DP-SGD settings for its ``num_examples`` utterances, or None when sample-level DP is off. With
+    ``privacy.dp_sgd.target_epsilon`` the device computes its noise multiplier itself (:mod:`fl_ser.privacy.budget`)."""
+    from fl_ser.privacy.budget import sample_level_noise
     from fl_ser.training import DPSGDConfig
 
     dp = cfg.privacy.dp_sgd
     if not dp.enabled:
         return None
-    return DPSGDConfig(noise_multiplier=float(dp.noise_multiplier), max_grad_norm=float(dp.max_grad_norm),
+    return DPSGDConfig(noise_multiplier=sample_level_noise(cfg, num_examples), max_grad_norm=float(dp.max_grad_norm),
                        delta=float(dp.delta), epsilon_budget=float(dp.epsilon_budget), accountant=str(dp.accountant),
                        grad_sample_mode=str(dp.grad_sample_mode), poisson_sampling=bool(dp.poisson_sampling),
                        vetted_noise=bool(dp.vetted_noise))
@@ -192,6 +194,7 @@ def make_client(cfg: DictConfig, context, simulated: bool = True):
 
     from fl_ser.metrics import classification_report
     from fl_ser.privacy.accountant import check_delta
+    from fl_ser.privacy.budget import distributed, uniform_weights
     from fl_ser.privacy.ledger import LifetimeLedger, spend_round
     from fl_ser.task import get_arrays, new_classifier, set_arrays
     from fl_ser.training import LocalTrainConfig, evaluate, planned_entries, train_local
@@ -200,9 +203,10 @@ def make_client(cfg: DictConfig, context, simulated: bool = True):
     policy = policy_of(cfg, setup, context.node_config)
     labels = list(cfg.labels)
     num_classes = len(labels)
-    dp = dp_config(cfg)
+    private = bool(cfg.privacy.dp_sgd.enabled)
+    shares = distributed(cfg)
     norm = normalization(cfg)
-    uniform = bool(cfg.privacy.update_clipping.enabled)
+    uniform = uniform_weights(cfg)
     train_cfg = LocalTrainConfig(**OmegaConf.to_container(cfg.train))
     ledger = LifetimeLedger(setup.ledger_dir, setup.ledger_name)
     run = str(cfg.get("run_uid") or context.run_id)  # fl-ser's run, the same across a resume
@@ -214,19 +218,23 @@ def make_client(cfg: DictConfig, context, simulated: bool = True):
             set_arrays(classifier, parameters)
             weight = 1 if uniform else len(data.x)
             tcfg = replace(train_cfg, proximal_mu=float(config.get(KEY_PROXIMAL_MU, 0.0)))
-            if dp is None:
+            if not private:
                 train_local(classifier, norm.standardise(data.x), data.y, tcfg)
-                metrics = {"declined": 0}
-            else:
-                check_delta(dp.delta, len(data.x), "this device")
-                budget = min(dp.epsilon_budget, policy.epsilon_budget or dp.epsilon_budget)
-                with ledger.open() as book:
-                    metrics = spend_round(
-                        book, data, norm, budget, dp.delta, dp.accountant, planned_entries(len(data.x), tcfg, dp),
-                        lambda x: train_local(classifier, x, data.y, tcfg, dp=dp)["spent"], run,
-                        int(config.get(KEY_SERVER_ROUND, 0)))
-                if metrics["declined"]:
-                    return parameters, weight, metrics
+                return get_arrays(classifier), weight, {"declined": 0}
+            dp = dp_config(cfg, len(data.x))
+            policy.check_noise_multiplier(dp.noise_multiplier)
+            check_delta(dp.delta, len(data.x), "this device")
+            budget = min(dp.epsilon_budget, policy.epsilon_budget or dp.epsilon_budget)
+            server_round = int(config.get(KEY_SERVER_ROUND, 0))
+            if shares:
+                return distributed_round(cfg, context, setup, ledger, data, norm, classifier, dp, budget, run,
+                                         server_round)
+            with ledger.open() as book:
+                metrics = spend_round(
+                    book, data, norm, budget, dp.delta, dp.accountant, planned_entries(len(data.x), tcfg, dp),
+                    lambda x: train_local(classifier, x, data.y, tcfg, dp=dp)["spent"], run, server_round)
+            if metrics["declined"]:
+                return parameters, weight, metrics
             return get_arrays(classifier), weight, metrics
 
         def evaluate(self, parameters, config):
@@ -249,14 +257,53 @@ def make_client(cfg: DictConfig, context, simulated: bool = True):
             pred, loss = evaluate(classifier, x, data.y)
             rep = classification_report(data.y.numpy(), pred.numpy(), labels)
             metrics = {"uar": rep["uar"], "accuracy": rep["accuracy"], "num_utterances": len(data.x)}
-            if dp is not None:
+            if private:
+                dp = cfg.privacy.dp_sgd
                 with ledger.open() as book:
-                    metrics["epsilon"] = book.epsilon(data.ids, dp.delta, dp.accountant)
+                    metrics["epsilon"] = book.epsilon(data.ids, float(dp.delta), str(dp.accountant))
             if released and setup.device_dir is not None:
                 update_report(setup, metrics)
             return loss, len(data.x), metrics
 
     return EmotionClient().to_client()
+
+
+def distributed_round(cfg: DictConfig, context, setup: DeviceSetup, ledger, data, norm, classifier, dp, budget: float,
+                      run: str, server_round: int):
+    """One round of distributed DP-GD (:mod:`fl_ser.privacy.distributed`): the device's noisy, clipped gradient
+    sum on SecAgg+'s grid, its spend recorded first. A device that declines (budget spent) still sends a share of
+    pure noise, which depends on no data and costs nothing, so the sum keeps the noise it was calibrated for."""
+    from fl_ser.flower_compat import secagg_round_settings
+    from fl_ser.privacy.budget import expected_batch
+    from fl_ser.privacy.distributed import (
+        DistributedDPGD,
+        SecAggGrid,
+        contributors_bound,
+        device_share,
+        noise_share,
+    )
+    from fl_ser.privacy.ledger import spend_round
+
+    clipping_range, quantization_range, threshold = secagg_round_settings(context)
+    grid = SecAggGrid(clipping_range, quantization_range)
+    cohort = experiment_cohort(cfg, setup)
+    batch = expected_batch(cfg, cohort)
+    k = contributors_bound(cfg.privacy.distributed.get("min_contributors"), threshold, cohort)
+    settings = DistributedDPGD(dp.noise_multiplier, dp.max_grad_norm, batch, k)
+    share: list = []
+
+    def train(x):
+        share.extend(device_share(classifier, x, data.y, settings, grid))
+        return settings.round_entries()
+
+    with ledger.open() as book:
+        metrics = spend_round(book, data, norm, budget, dp.delta, dp.accountant, settings.round_entries(), train,
+                              run, server_round, local=settings.local_round_entries())
+    if metrics["declined"]:
+        from fl_ser.task import get_arrays
+
+        share = noise_share([a.shape for a in get_arrays(classifier)], settings, grid)
+    return share, 1, metrics
 
 
 def device_normalizer(norm, x):
@@ -265,7 +312,7 @@ def device_normalizer(norm, x):
     from fl_ser.features.normalize import FeatureNormalizer
 
     if norm.mode in ("dp", "local"):
-        return FeatureNormalizer(norm.shape, norm.kind).fit(x)
+        return FeatureNormalizer(norm.shape, norm.kind, bound=norm.bound).fit(x)
     return norm.module(x)
 
 
@@ -323,6 +370,7 @@ def build_client_app(cfg: DictConfig | None = None):
 
     from clients.faults import fault_mods
     from fl_ser.privacy.boundary import guard, local_log
+    from fl_ser.privacy.budget import uniform_weights
 
     text = None if cfg is None else encode(cfg)
     simulated = cfg is not None
@@ -347,7 +395,7 @@ def build_client_app(cfg: DictConfig | None = None):
         with local_log(log_path):
             return guard(msg, context, handle,
                          secure_aggregation=setting(lambda c: c.aggregation.name == "secagg_plus"),
-                         uniform_weight=setting(lambda c: bool(c.privacy.update_clipping.enabled)),
+                         uniform_weight=setting(uniform_weights),
                          audit_dir=setting(lambda c: c.privacy.get("audit_dir")))
 
     return ClientApp(client_fn=lambda context: make_client(resolve(context)[0], context, simulated),

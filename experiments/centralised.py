@@ -50,6 +50,9 @@ def train_centralised(cfg: DictConfig) -> dict:
     loss, report = evaluator(get_arrays(classifier))
     summary = {"mode": "centralised", "uar": report["uar"], "accuracy": report["accuracy"],
                "macro_f1": report["macro_f1"], "uar_by_group": report.get("uar_by_group"), "loss": loss,
+               "uar_by_speaker": report.get("uar_by_speaker"), "worst_speaker_uar": report.get("worst_speaker_uar"),
+               "worst_speaker": report.get("worst_speaker"), "uar_new_device": report["new_device"]["uar"],
+               "new_device": report["new_device"],
                "confusion": report["confusion"], "labels": list(cfg.labels), "num_train_speakers": len(split.train),
                "test_speakers": list(split.test), "num_train_utterances": num_train,
                "num_test_utterances": evaluator.num_utterances, "epsilon_sample_max": None, "epsilon_user": None,

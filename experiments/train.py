@@ -44,10 +44,14 @@ def prepare(cfg: DictConfig) -> DictConfig:
     from fl_ser.models.classifiers import build_classifier
     from fl_ser.privacy.accountant import PrivacyBudgetError
     from fl_ser.task import extractor_from_config
+    from server import pretrain
 
     try:
         resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     except Exception as err:  # MissingMandatoryValue and friends
+        if str(getattr(err, "full_key", "")).startswith("pretrain."):
+            raise ConfigError(f"{err}. A pre-training corpus other than the synthetic one needs a path, e.g. "
+                              "`pretrain=emodb pretrain.corpus.root=/path/to/emodb`.") from None
         raise ConfigError(f"{err}. Corpora other than the synthetic one need a path, e.g. `data=emodb "
                           "data.root=/path/to/emodb` or `data=manifest data.manifest=/path/to/list.csv`.") from None
     try:
@@ -74,6 +78,10 @@ def prepare(cfg: DictConfig) -> DictConfig:
         check_privacy(resolved, corpus, split)
     except PrivacyBudgetError as err:
         raise ConfigError(str(err)) from err
+    try:
+        pretrain.check(resolved, corpus)  # public pre-training must not touch the devices' data
+    except (pretrain.PretrainError, CorpusError, InstantiationException) as err:
+        raise ConfigError(str(err.__cause__ or err)) from err
     return resolved
 
 
@@ -121,26 +129,36 @@ def check_privacy(cfg: DictConfig, corpus, split) -> None:
     least one round, normaliser release included, and the normalisation must keep the stated guarantee."""
     from fl_ser.privacy import normalization
     from fl_ser.privacy.accountant import PrivacyBudgetError, check_delta, epsilon
-    from fl_ser.training import LocalTrainConfig, planned_entries
+    from fl_ser.training import LocalTrainConfig
     from server.server_app import clients_per_round
 
     priv = cfg.privacy
     m = clients_per_round(cfg, len(split.train))
-    if priv.user_level.noise_multiplier > 0 and not priv.update_clipping.enabled:
+    user_noise = priv.user_level.noise_multiplier > 0 or priv.user_level.get("target_epsilon") is not None
+    if user_noise and not priv.update_clipping.enabled:
         raise PrivacyBudgetError("user-level noise needs clipped updates (their sensitivity); set "
                                  "privacy.update_clipping.enabled=true or privacy.user_level.noise_multiplier=0")
-    norm = normalization.from_config(cfg)  # checks the mode; computes (and caches) the public reference once
+    if priv.user_level.get("target_epsilon") is not None and str(priv.user_level.placement) == "distributed":
+        raise PrivacyBudgetError("privacy.user_level.target_epsilon is met by the server's noise; with "
+                                 "placement=distributed each device checks its share against a noise multiplier it "
+                                 "knows, so give privacy.user_level.noise_multiplier instead")
+    normalization.from_config(cfg)  # checks the mode; computes (and caches) the public reference once
     if not priv.dp_sgd.enabled:
         return
     from clients.client_app import dp_config
+    from fl_ser.privacy.budget import placement, planned_spend
 
-    dp = dp_config(cfg)
-    train = LocalTrainConfig(**OmegaConf.to_container(cfg.train))
     smallest = min(split.train, key=lambda s: len(corpus.utterances_of(s)))
     n = len(corpus.utterances_of(smallest))
+    dp = dp_config(cfg, n)
+    if priv.dp_sgd.get("target_epsilon") is not None:
+        log.info("target epsilon %s over %s rounds: noise multiplier %.4f (device %s, %d utterances)",
+                 priv.dp_sgd.target_epsilon, cfg.rounds, dp.noise_multiplier, smallest, n)
+    if placement(cfg) == "distributed":
+        check_distributed(cfg, m, dp)
+    train = LocalTrainConfig(**OmegaConf.to_container(cfg.train))
     check_delta(dp.delta, n, f"device {smallest} ({n} utterances)")
-    release = [norm.mechanism()] if norm.spends_privacy else []
-    first = epsilon([*release, *planned_entries(n, train, dp)], dp.delta, dp.accountant)
+    first = epsilon(planned_spend(cfg, n, dp.noise_multiplier, rounds=1), dp.delta, dp.accountant)
     if first > dp.epsilon_budget:
         raise PrivacyBudgetError(
             f"impossible privacy budget: the normaliser release and one round of DP-SGD on device {smallest} ({n} "
@@ -149,10 +167,42 @@ def check_privacy(cfg: DictConfig, corpus, split) -> None:
             f"{dp.epsilon_budget}. Raise the budget or the noise multipliers, or lower train.epochs / "
             "train.batch_size.")
     expected = round(cfg.rounds * m / len(split.train))
-    total = epsilon([*release, *planned_entries(n, train, dp) * expected], dp.delta, dp.accountant)
+    total = epsilon(planned_spend(cfg, n, dp.noise_multiplier, rounds=expected), dp.delta, dp.accountant)
     if total > dp.epsilon_budget:
         log.warning("device %s would reach epsilon %.2f over %d rounds (> budget %.2f): devices will decline to "
                     "train once their budget is spent", smallest, total, expected, dp.epsilon_budget)
+
+
+def check_distributed(cfg: DictConfig, cohort: int, dp) -> None:
+    """Distributed DP needs SecAgg+ on a power-of-two grid fine enough for its noise shares, and no second
+    mechanism on the shares (update clipping, user-level noise)."""
+    from fl_ser.privacy.accountant import PrivacyBudgetError
+    from fl_ser.privacy.budget import expected_batch
+    from fl_ser.privacy.distributed import DistributedDPGD, SecAggGrid
+    from fl_ser.privacy.noise import MIN_STEPS_PER_STD
+    from fl_ser.task import new_classifier
+    from server.secagg import secagg_workflow
+
+    priv = cfg.privacy
+    if cfg.aggregation.name != "secagg_plus":
+        raise PrivacyBudgetError("privacy.dp_sgd.placement=distributed adds only a share of the noise on each device: "
+                                 "it needs aggregation=secagg_plus, so that the server sees nothing but the sum")
+    if priv.update_clipping.enabled or priv.user_level.noise_multiplier > 0:
+        raise PrivacyBudgetError("privacy.dp_sgd.placement=distributed sends each device's noisy gradient sum, not "
+                                 "a model update: set privacy.update_clipping.enabled=false and no user-level noise "
+                                 "(privacy=distributed does)")
+    secagg = secagg_workflow(cfg, cohort)
+    grid = SecAggGrid(float(cfg.aggregation.clipping_range), int(secagg.quantization_range))
+    least = secagg.min_contributors or int(secagg.reconstruction_threshold)
+    settings = DistributedDPGD(dp.noise_multiplier, dp.max_grad_norm, expected_batch(cfg, cohort), least)
+    params = sum(p.numel() for p in new_classifier(cfg, len(cfg.labels)).parameters())
+    std = settings.share_std(params, grid.step)
+    if std < MIN_STEPS_PER_STD * grid.step:
+        raise PrivacyBudgetError(f"each device's noise share (std {std:.3g}) is coarser than SecAgg+'s grid allows "
+                                 f"({MIN_STEPS_PER_STD} steps of {grid.step:.3g}); lower aggregation.clipping_range")
+    log.info("distributed DP-GD: z=%.4f against the aggregator (>= %d shares in every sum), z=%.4f per share; "
+             "B=%g utterances, grid %.3g, share std %.4g", settings.noise_multiplier, settings.min_contributors,
+             settings.local_noise_multiplier, settings.expected_batch, grid.step, std)
 
 
 def simulate(cfg: DictConfig) -> dict:

@@ -45,8 +45,12 @@ what a Flower upgrade must recheck):
   ``max_weight`` of the SecAgg+ setup from the state Flower's device mod keeps in
   the node state, to refuse (at the masked-vector stage, after the device's
   clipping and noise share, before quantisation) an update that Flower's
-  quantiser would clip silently. Recheck ``SecAggPlusState``'s fields, the state
-  record's name and ``_collect_masked_vectors``'s weighting and quantisation.
+  quantiser would clip silently; values already on the quantiser's grid inside
+  the range (distributed DP shares) pass, as Flower quantises them exactly.
+  :func:`secagg_round_settings` reads the same state (with ``target_range`` and
+  ``threshold``) for distributed DP. Recheck ``SecAggPlusState``'s fields, the
+  state record's name and ``_collect_masked_vectors``'s weighting and
+  quantisation.
 - ``simulation-dispatch`` (:func:`proportional_dispatch`):
   ``vce_api.add_messages_to_queue``. Flower's dispatcher asks the in-memory
   LinkState for each virtual node's next message every 0.1 s, and each ask scans
@@ -109,7 +113,7 @@ import types
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 
 import flwr
 from flwr.app import Message
@@ -336,7 +340,7 @@ def check_secagg_device_state() -> None:
 
     device = SECAGG_RANGE.module(SECAGG_DEVICE_MODULE)
     state_fields = {f.name for f in fields(device.SecAggPlusState)}
-    SECAGG_RANGE.require({"clipping_range", "max_weight"} <= state_fields,
+    SECAGG_RANGE.require({"clipping_range", "max_weight", "target_range", "threshold"} <= state_fields,
                          f"SecAggPlusState has fields {sorted(state_fields)}")
     SECAGG_RANGE.require(_looked_up(device.secaggplus_mod, "RECORD_KEY_STATE"),
                          f"secaggplus_mod no longer keeps its state in the node state's {RECORD_KEY_STATE} record")
@@ -366,12 +370,42 @@ def check_quantisation_range(reply: Message, ctxt) -> None:
     fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
     weight = fitres.num_examples
     arrays = parameters_to_ndarrays(fitres.parameters)
+    if weight == max_weight and on_quantisation_grid(arrays, clipping_range, int(setup["target_range"])):
+        return  # grid values inside the range (a distributed DP share) pass the quantiser exactly
     peak = max((float(np.abs(a).max()) for a in arrays if a.size), default=0.0) * weight / max_weight
     if peak > 0.9 * clipping_range or weight > max_weight:
         raise QuantisationRangeError(
             f"the update does not fit SecAgg+'s quantisation range: weighted peak {peak:.3g} vs clipping_range "
             f"{clipping_range} (weight {weight}, max_weight {max_weight}). Raise aggregation.clipping_range "
             f"(and aggregation.max_weight if the weight exceeds it), or clip updates with privacy=full.")
+
+
+def on_quantisation_grid(arrays, clipping_range: float, target_range: int) -> bool:
+    """Every value an exact multiple of the quantiser's step ``2 clipping_range / target_range`` in
+    ``[-clipping_range, clipping_range)``: then Flower's ``quantize`` neither clips nor rounds it (with powers of
+    two, its arithmetic is exact)."""
+    import numpy as np
+
+    step = 2 * clipping_range / target_range
+    for a in arrays:
+        a = np.asarray(a, dtype=np.float64)
+        if a.size and not (np.array_equal(a / step, np.round(a / step)) and a.min() >= -clipping_range
+                           and a.max() < clipping_range):
+            return False
+    return True
+
+
+def secagg_round_settings(ctxt) -> tuple[float, int, int]:
+    """``(clipping_range, quantization_range, threshold)`` of the SecAgg+ round this device is in, as its setup
+    stage stored them in the node state (read while the device trains, inside Flower's mod)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    check_secagg_device_state()
+    setup = ctxt.state.config_records.get(RECORD_KEY_STATE)
+    if setup is None or not int(setup.get("threshold", 0)):
+        raise FlowerCompatError("distributed DP trains only inside a SecAgg+ round (aggregation=secagg_plus): no "
+                                "SecAgg+ setup is stored in this device's node state")
+    return float(setup["clipping_range"]), int(setup["target_range"]), int(setup["threshold"])
 
 
 class MalformedReply(RuntimeError):
@@ -524,10 +558,13 @@ class SecAggPlus(SecAggPlusWorkflow):
     A masked vector that is not integers of the model's size below the modulus is
     never summed: the device counts as dropped at that stage (:class:`_StageGrid`).
     After each round, :attr:`round_report` says who was sampled and who was lost
-    at which stage, and why.
+    at which stage, and why. With ``min_contributors`` k, a round whose masked
+    vectors came from fewer than k devices halts before unmasking, so no sum of
+    fewer than k devices' inputs is ever computed (distributed DP calibrates
+    each device's noise share to k, :mod:`fl_ser.privacy.distributed`).
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, min_contributors: int = 0, **kwargs):
         from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
         SECAGG_SETUP.check_version()
@@ -537,6 +574,7 @@ class SecAggPlus(SecAggPlusWorkflow):
         check_secagg_stages()  # every stage, setup included, talks through the grid it is given
         install_secagg_server_crypto()
         super().__init__(**kwargs)
+        self.min_contributors = int(min_contributors)
         self._report = RoundReport()
 
     @property
@@ -565,6 +603,10 @@ class SecAggPlus(SecAggPlusWorkflow):
 
     def collect_masked_vectors_stage(self, grid, context, state) -> bool:
         ok = super().collect_masked_vectors_stage(self._checked(grid, state), context, state)
+        if ok and len(state.active_node_ids) < self.min_contributors:
+            log(ERROR, "SecAgg+: masked vectors from %d devices, fewer than the %d every sum must hold: the round "
+                       "halts before unmasking", len(state.active_node_ids), self.min_contributors)
+            ok = False
         return self._ended(Stage.COLLECT_MASKED_VECTORS, ok)
 
     def unmask_stage(self, grid, context, state) -> bool:

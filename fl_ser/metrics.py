@@ -2,7 +2,13 @@
 
 UAR (unweighted average recall) is the mean of per-class recalls, so chance is
 1/C whatever the class balance. Classes absent from the evaluated labels are
-left out of UAR and macro-F1 (and listed), rather than counted as zero.
+left out of UAR and macro-F1 (and listed), rather than counted as zero; the
+same holds within a group, so a speaker who never expresses an emotion is
+scored on the emotions they do express.
+
+Fairness figures: UAR per group (e.g. per sex) and per speaker, and the worst
+speaker (the lowest per-speaker UAR and who it is), since a mean over speakers
+can hide one speaker the model fails.
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ def _uar_f1(cm: np.ndarray) -> tuple[float, float, list[float | None]]:
 
 
 def classification_report(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str],
-                          groups: Sequence[str | None] | None = None) -> dict:
-    """UAR, accuracy, macro-F1, per-class recall, confusion matrix and UAR per group (e.g. sex)."""
+                          groups: Sequence[str | None] | None = None,
+                          speakers: Sequence[str] | None = None) -> dict:
+    """UAR, accuracy, macro-F1, per-class recall, confusion matrix, UAR per group (``groups``: e.g. each
+    utterance's sex) and, given each utterance's speaker, UAR per speaker and the worst speaker."""
     y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
     cm = confusion_matrix(y_true, y_pred, len(labels))
     uar, f1, recall = _uar_f1(cm)
@@ -48,9 +56,30 @@ def classification_report(y_true: Sequence[int], y_pred: Sequence[int], labels: 
         "num_utterances": int(len(y_true)),
     }
     if groups is not None:
-        groups_arr = np.asarray([g if g is not None else "unknown" for g in groups])
-        report["uar_by_group"] = {
-            str(g): _uar_f1(confusion_matrix(y_true[groups_arr == g], y_pred[groups_arr == g], len(labels)))[0]
-            for g in sorted(set(groups_arr.tolist()))
-        }
+        report["uar_by_group"] = uar_by(y_true, y_pred, len(labels), groups)
+    if speakers is not None:
+        report["uar_by_speaker"] = uar_by(y_true, y_pred, len(labels), speakers)
+        report["worst_speaker"], report["worst_speaker_uar"] = worst_group(report["uar_by_speaker"])
     return report
+
+
+def uar_by(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int,
+           groups: Sequence[str | None]) -> dict[str, float]:
+    """UAR of each group's utterances, by group name (sorted; a missing name is ``"unknown"``)."""
+    y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
+    names = [str(g) if g is not None else "unknown" for g in groups]
+    if len(names) != len(y_true):
+        raise ValueError(f"{len(names)} group names for {len(y_true)} utterances")
+    order, index = np.unique(np.asarray(names, dtype=object), return_inverse=True)  # one pass, any number of groups
+    cms = np.zeros((len(order), num_classes, num_classes), dtype=np.int64)
+    np.add.at(cms, (index, y_true, y_pred), 1)
+    return {str(g): _uar_f1(cm)[0] for g, cm in zip(order, cms, strict=True)}
+
+
+def worst_group(uars: dict[str, float]) -> tuple[str | None, float]:
+    """The group with the lowest UAR and that UAR (ties: the first name); ``(None, nan)`` when none has a UAR."""
+    scored = [(u, g) for g, u in sorted(uars.items()) if u is not None and not np.isnan(u)]
+    if not scored:
+        return None, float("nan")
+    uar, name = min(scored, key=lambda t: t[0])
+    return name, float(uar)

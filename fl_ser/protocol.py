@@ -16,8 +16,9 @@ KEY_CLIPPING_NORM = "clipping_norm"  # Flower's own key (flwr.supercore.differen
 KEY_DEVICE_NOISE_STD = "fl-ser.device_noise_std"  # the std of this device's share of user-level noise
 KEY_PROXIMAL_MU = "proximal_mu"  # FedProx (flwr.server.strategy.FedProx sends it)
 
-#: Fit-metric keys of a device's sample-level epsilons: lifetime total, this run's share, and the parts.
-EPSILON_METRICS = ("epsilon", "epsilon_run", "epsilon_normalization", "epsilon_training")
+#: Fit-metric keys of a device's sample-level epsilons: lifetime total, this run's share, the parts, and the lifetime
+#: total against anyone who sees this device's own update (differs from the total only under distributed DP).
+EPSILON_METRICS = ("epsilon", "epsilon_run", "epsilon_normalization", "epsilon_training", "epsilon_local")
 
 #: Evaluate-config keys of the release message (server/release.py sends them after the last round).
 RELEASE_ARTIFACT = "fl-ser.release.artifact"

@@ -1,9 +1,14 @@
 """What a run leaves behind, written as it goes: per-round metrics, checkpoints, progress, summary and plots.
 
 ``metrics.jsonl`` (one JSON object per round) and ``metrics.csv`` hold the
-per-round figures, ``checkpoints/round_NNN.npz`` the global classifier after
-each round (``checkpoints/state.npz``, :mod:`server.checkpoint`, what a resumed
-run needs), ``summary.json`` the final figures, and ``plots/`` the PNGs.
+per-round figures: the held-out UAR with each test speaker's own statistics
+(``uar``) and as a new device would see it (``uar_new_device``), the worst
+held-out speaker's UAR both ways (:mod:`server.evaluation`), epsilons and
+participation. A row written before a column existed lacks it (empty in the
+CSV), and still loads on resume. ``checkpoints/round_NNN.npz`` holds the global
+classifier after each round (``checkpoints/state.npz``, :mod:`server.checkpoint`,
+what a resumed run needs), ``summary.json`` the final figures, and ``plots/``
+the PNGs.
 
 Nothing fails silently. Every round's line says how many sampled devices
 returned an update and, for the others, at which stage they dropped and why
@@ -74,7 +79,10 @@ def round_line(row: dict, total_rounds: int) -> str:
     run_eps = row.get("epsilon_sample_run_max")
     if run_eps is not None and abs(run_eps - row["epsilon_sample_max"]) > 5e-3:  # devices that trained before
         eps_s += f" (this run {run_eps:.2f})"
-    parts = [f"round {row['round']:3d}/{total_rounds}", f"UAR {row['uar']:.3f}", f"acc {row['accuracy']:.3f}",
+    uar_s = f"UAR {row['uar']:.3f}"
+    if row.get("uar_new_device") is not None:  # older rows have none
+        uar_s += f" (new device {row['uar_new_device']:.3f})"
+    parts = [f"round {row['round']:3d}/{total_rounds}", uar_s, f"acc {row['accuracy']:.3f}",
              f"loss {row['loss']:.3f}" if row.get("loss") is not None else "loss -",
              f"eps_sample {eps_s}", f"eps_user {eps(row.get('epsilon_user'))}"]
     if row["round"]:
@@ -92,8 +100,9 @@ def round_line(row: dict, total_rounds: int) -> str:
     return " | ".join(parts)
 
 
-CSV_FIELDS = ["round", "uar", "accuracy", "macro_f1", "loss", "epsilon_sample_max", "epsilon_sample_run_max",
-              "epsilon_user", "sampled", "participants", "declined", "empty", "seconds"]
+CSV_FIELDS = ["round", "uar", "accuracy", "macro_f1", "loss", "uar_new_device", "worst_speaker_uar",
+              "worst_speaker_uar_new_device", "epsilon_sample_max", "epsilon_sample_run_max", "epsilon_user",
+              "sampled", "participants", "declined", "empty", "seconds"]  # rows from before a column: empty there
 
 
 def _clean(x):
@@ -105,6 +114,17 @@ def _clean(x):
     if isinstance(x, list | tuple):
         return [_clean(v) for v in x]
     return x
+
+
+def _fairness(report: dict) -> dict:
+    """A round's per-speaker and new-device figures (:mod:`server.evaluation`; absent from older reports)."""
+    new_device = report.get("new_device") or {}
+    return {"uar_new_device": new_device.get("uar"), "worst_speaker_uar": report.get("worst_speaker_uar"),
+            "worst_speaker": report.get("worst_speaker"),
+            "worst_speaker_uar_new_device": new_device.get("worst_speaker_uar"),
+            "worst_speaker_new_device": new_device.get("worst_speaker"),
+            "uar_by_speaker": report.get("uar_by_speaker"),
+            "uar_by_speaker_new_device": new_device.get("uar_by_speaker")}
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -171,8 +191,9 @@ class RunRecorder:
         return self.epsilons.get("epsilon")
 
     def epsilon_split(self) -> dict[str, float] | None:
-        """The largest lifetime epsilon, this run's, and the normalisation and training parts (None: no DP-SGD)."""
-        names = dict(zip(EPSILON_METRICS, ("lifetime", "this_run", "normalization", "training"), strict=True))
+        """The largest lifetime epsilon, this run's, the normalisation and training parts, and the lifetime epsilon
+        against anyone who sees one device's own update (``local``; None: no DP-SGD)."""
+        names = dict(zip(EPSILON_METRICS, ("lifetime", "this_run", "normalization", "training", "local"), strict=True))
         return {names[k]: v for k, v in self.epsilons.items()} or None
 
     # Flower's fit_metrics_aggregation_fn: the devices' plain-text metrics for this round.
@@ -216,7 +237,7 @@ class RunRecorder:
             "malformed": {str(k): v for k, v in (outcome.get("malformed") or {}).items()},
             "causes": dict(outcome.get("causes") or {}),
             "seconds": round(now - self._last, 3), "uar_by_group": report.get("uar_by_group"),
-            "confusion": report["confusion"],
+            "confusion": report["confusion"], **_fairness(report),
         }
         self._last = now
         self._fit = {}

@@ -17,6 +17,8 @@ def secagg_workflow(cfg: DictConfig, num_sampled: int):
     """SecAgg+ with num_shares growing logarithmically in the number of sampled devices (when 'auto'), and a
     reconstruction threshold above half of the shares (devices refuse a lower one, see fl_ser.privacy.policy)."""
     from fl_ser.flower_compat import SecAggPlus
+    from fl_ser.privacy.budget import distributed, uniform_weights
+    from fl_ser.privacy.distributed import contributors_bound
     from server.server_app import reply_timeout
 
     agg = cfg.aggregation
@@ -29,7 +31,12 @@ def secagg_workflow(cfg: DictConfig, num_sampled: int):
     # Flower rounds fraction x shares (0.6 of 4 shares is 2: half). Above half, a server that lies about who
     # dropped out still cannot collect both of an honest device's secrets (Bonawitz et al. 2017).
     threshold = min(count, max(2, round(fraction * count), count // 2 + 1)) if fraction < 1 else int(fraction)
-    uniform = bool(cfg.privacy.update_clipping.enabled)
-    return SecAggPlus(num_shares=shares, reconstruction_threshold=threshold,
+    uniform = uniform_weights(cfg)
+    # Distributed DP: devices calibrate their noise shares to k; a round with fewer masked vectors halts unsummed.
+    least = contributors_bound(cfg.privacy.distributed.get("min_contributors"), threshold, num_sampled) \
+        if distributed(cfg) else 0
+    if least > num_sampled:
+        raise ValueError(f"privacy.distributed.min_contributors={least} exceeds the {num_sampled} devices of a round")
+    return SecAggPlus(min_contributors=least, num_shares=shares, reconstruction_threshold=threshold,
                       max_weight=1.0 if uniform else float(agg.max_weight),
                       clipping_range=float(agg.clipping_range), timeout=reply_timeout(cfg))

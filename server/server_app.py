@@ -10,6 +10,7 @@ flwr 1.42: ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` over a
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -49,8 +50,9 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
     from fl_ser.data.partition import split_from_config
     from fl_ser.flower_compat import ResumableWorkflow, csprng_client_manager
     from fl_ser.privacy.accountant import user_level_epsilon
+    from fl_ser.privacy.budget import distributed, sample_level_noise, user_level_noise
     from fl_ser.task import get_arrays, new_classifier
-    from server import checkpoint
+    from server import checkpoint, pretrain
     from server.evaluation import HeldOutEvaluator
     from server.grid import prompt_grid
     from server.records import RunRecorder, RunStopped
@@ -66,7 +68,7 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
     m = clients_per_round(cfg, num_devices)
     rounds = int(cfg.rounds)
     user = cfg.privacy.user_level
-    z_user = float(user.noise_multiplier) if cfg.privacy.update_clipping.enabled else 0.0
+    z_user = user_level_noise(cfg, m / num_devices) if cfg.privacy.update_clipping.enabled else 0.0
 
     def user_eps(r: int):
         return user_level_epsilon(z_user, m / num_devices, r, float(user.delta), str(user.accountant))
@@ -77,7 +79,9 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
     evaluator = HeldOutEvaluator(cfg, split.test)
     recorder = RunRecorder(run_dir, rounds, user_eps, int(cfg.federation.get("max_empty_rounds", 3)),
                            restored=restored_records)
-    init = resumed.params if resumed else get_arrays(new_classifier(cfg, len(cfg.labels)))
+    pretrained = None if resumed else pretrain.pretrained_arrays(cfg)  # a resumed run's params: its checkpoint
+    init = resumed.params if resumed else (pretrained[0] if pretrained else
+                                           get_arrays(new_classifier(cfg, len(cfg.labels))))
 
     secure = cfg.aggregation.name == "secagg_plus"
     secagg = secagg_workflow(cfg, m) if secure else None
@@ -101,6 +105,14 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
     )
     if cfg.privacy.update_clipping.enabled:
         strategy = UserLevelDP(strategy, float(cfg.privacy.update_clipping.clipping_norm), z_user, str(user.placement))
+    if distributed(cfg):
+        from fl_ser.privacy.distributed import SecAggGrid
+        from server.distributed_dp import DistributedDPGD
+
+        lattice = SecAggGrid(float(cfg.aggregation.clipping_range), int(secagg.quantization_range))
+        least = secagg.min_contributors or int(secagg.reconstruction_threshold)
+        strategy = DistributedDPGD(strategy, lattice, float(cfg.privacy.distributed.step_size),
+                                   sample_level_noise(cfg, 1), least)
     strategy = reply_check = ReplyCheck(strategy)  # outermost: a malformed reply never reaches the aggregate
     if resumed:
         checkpoint.restore_optimiser(strategy, resumed.optimiser)
@@ -141,6 +153,15 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
         "privacy": str(cfg.privacy.name), "aggregation": str(cfg.aggregation.name),
         "strategy": str(cfg.strategy._target_).rsplit(".", 1)[-1],
     }
+    summary["pretrained"] = pretrained[1] if pretrained else (pretrain.resumed_record(cfg) if resumed else None)
+    if distributed(cfg):  # the guarantee against the aggregator and what one device's share carries
+        from fl_ser.privacy.budget import expected_batch
+
+        k = strategy.strategy.contributors
+        z = sample_level_noise(cfg, 1)
+        summary["distributed_dp"] = {"noise_multiplier": z, "min_contributors": k,
+                                     "share_noise_multiplier": z / math.sqrt(k),
+                                     "expected_batch": expected_batch(cfg, m), "sampling_rate": 1.0}
     if summary["status"] != "completed":  # nothing trained is released: the devices keep what they have
         if not stopped:
             log.error("no round aggregated any update: no release is made (README 'When things go wrong')")
@@ -151,7 +172,10 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
     summary.update({
         "uar": report["uar"], "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
         "uar_by_group": report.get("uar_by_group"), "recall": report["recall"], "loss": loss,
-        "confusion": report["confusion"], "release": release, "device_reports": devices,
+        "confusion": report["confusion"], "uar_by_speaker": report["uar_by_speaker"],
+        "worst_speaker_uar": report["worst_speaker_uar"], "worst_speaker": report["worst_speaker"],
+        "uar_new_device": report["new_device"]["uar"], "new_device": report["new_device"],
+        "release": release, "device_reports": devices,
         "device_uar_mean": (sum(d["uar"] for d in devices) / len(devices)) if devices else None,
     })
     return recorder.write_summary(summary)

@@ -15,13 +15,25 @@ REPO = Path(__file__).resolve().parents[1]
 EMODB = REPO.parent / "shared" / "datasets" / "emodb"
 
 
+#: The local-DP-SGD experiment most tests exercise (fl-ser's defaults before privacy=distributed became the default):
+#: each applies unless a test chooses that key itself. The distributed default has its own tests.
+LOCAL_STACK = ("privacy=full", "model=mlp", "rounds=20")
+
+
+def local_stack(overrides) -> list[str]:
+    """:data:`LOCAL_STACK`'s settings that ``overrides`` do not choose themselves."""
+    chosen = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    return [o for o in LOCAL_STACK if o.split("=", 1)[0] not in chosen]
+
+
 def make_config(tmp_path: Path, *overrides: str) -> DictConfig:
-    """Compose conf/config.yaml with overrides, resolved, with labels filled in (as experiments.train does)."""
+    """Compose conf/config.yaml with overrides (over :data:`LOCAL_STACK`), resolved, with labels filled in (as
+    experiments.train does)."""
     from experiments.train import prepare
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"run_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
-                                           *overrides])
+                                           *local_stack(overrides), *overrides])
     return prepare(OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)))
 
 

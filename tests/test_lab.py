@@ -174,9 +174,12 @@ def device_cache(tmp_path_factory):
 
 
 def rehearse(tmp_path, lab, cache, *args, rounds=2):
+    from tests.conftest import local_stack
+
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "experiments.lab", "rehearse", "--lab", str(lab.root), *args, *SMALL,
-           f"rounds={rounds}", f"hydra.run.dir={run_dir}", f"cache_dir={cache}"]
+    overrides = [*args, *SMALL, f"rounds={rounds}", f"hydra.run.dir={run_dir}", f"cache_dir={cache}"]
+    cmd = [sys.executable, "-m", "experiments.lab", "rehearse", "--lab", str(lab.root),
+           *local_stack([o for o in overrides if not o.startswith("--")]), *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir
@@ -191,11 +194,13 @@ def no_flower_processes_left(run_dir) -> bool:
 
 @pytest.mark.slow
 def test_rehearsal_runs_the_full_stack_and_leaves_the_model_on_every_device(tmp_path, lab, device_cache):
-    run_dir = rehearse(tmp_path, lab, device_cache, f"privacy.audit_dir={tmp_path / 'audit'}")
+    # Distributed DP on the Deployment Engine: each device reads SecAgg+'s grid from its node state.
+    run_dir = rehearse(tmp_path, lab, device_cache, "privacy=distributed", f"privacy.audit_dir={tmp_path / 'audit'}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["privacy"] == "full" and summary["aggregation"] == "secagg_plus"
+    assert summary["privacy"] == "distributed" and summary["aggregation"] == "secagg_plus"
     assert summary["rounds"] == 2 and summary["num_devices"] == 3 and summary["dropouts"] == {}
-    assert 0 < summary["epsilon_sample_max"] <= 10 and summary["uar"] > 1 / 7
+    assert 0.95 * 8 <= summary["epsilon_sample_max"] <= 8 and summary["uar"] > 1 / 7
+    assert summary["epsilon_sample"]["local"] > summary["epsilon_sample_max"]
     for name in ("metrics.csv", "metrics.jsonl", "plots/rounds.png", "plots/confusion.png",
                  "release/emotion_model.pt", "lab/rehearsal.json"):
         assert (run_dir / name).is_file(), name

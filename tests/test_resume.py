@@ -171,7 +171,8 @@ def test_sigkill_after_round_k_then_resume_loses_nothing_and_counts_nothing_twic
     from fl_ser.privacy.ledger import LifetimeLedger
 
     run_dir, n, k = tmp_path / "run", 4, 2
-    overrides = ["data.num_speakers=5", "partition.num_test_speakers=2", f"rounds={n}", "strategy=fedadam",
+    overrides = ["privacy=full", "model=mlp", "data.num_speakers=5", "partition.num_test_speakers=2", f"rounds={n}",
+                 "strategy=fedadam",
                  "privacy.user_level.noise_multiplier=0.7", f"cache_dir={tmp_path / 'cache'}",
                  f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -215,7 +216,6 @@ def test_sigkill_after_round_k_then_resume_loses_nothing_and_counts_nothing_twic
     from clients.client_app import dp_config
     from fl_ser.training import LocalTrainConfig, planned_entries
 
-    dp = dp_config(cfg)
     train = LocalTrainConfig(**OmegaConf.to_container(cfg.train))
     lifetimes = []
     for path in ledgers:
@@ -224,6 +224,7 @@ def test_sigkill_after_round_k_then_resume_loses_nothing_and_counts_nothing_twic
         trained = [e for e in events if e["kind"] == "training"]
         assert len(trained) == n + in_flight[path.name]  # the round in flight counts as spent
         size = len(json.loads(path.read_text())["cohorts"][trained[0]["cohort"]])
+        dp = dp_config(cfg, size)
         spend = epsilon(planned_entries(size, train, dp) * len(trained), dp.delta, dp.accountant)
         with LifetimeLedger(path.parent, path.stem).open() as book:
             ids = book.cohorts[trained[0]["cohort"]]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import astuple
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -295,3 +297,185 @@ def test_speaker_independent_emotion_recognition_is_learnable_but_not_trivial(da
     assert 0.35 < acc < 0.98
     # Neighbouring emotions overlap: not every class is recognised almost perfectly.
     assert acc < 0.9
+
+
+# ----------------------------------------------------------------------------- uneven federations (metadata only)
+def _emotions_of(corpus, speaker) -> set[str]:
+    return {u.emotion for u in corpus.utterances_of(speaker)}
+
+
+def test_default_mode_is_unchanged():
+    """The defaults give today's corpus: the same utterance lists (uid order, every take) and the same repr."""
+    corpus = SyntheticCorpus(num_speakers=3, utterances_per_emotion=2, emotions=["sadness", "anger"], seed=1)
+    explicit = SyntheticCorpus(num_speakers=3, utterances_per_emotion=2, emotions=["sadness", "anger"], seed=1,
+                               utterances="uniform", emotions_per_speaker=None)
+    assert repr(corpus) == repr(explicit) == (
+        "SyntheticCorpus(num_speakers=3, utterances_per_emotion=2, emotions=['sadness', 'anger'], seed=1)")
+    expected = [f"spk{i:04d}_{e}_{t:02d}" for i in range(3) for e in ("anger", "sadness") for t in range(2)]
+    assert [u.uid for u in corpus.utterances] == [u.uid for u in explicit.utterances] == expected
+    assert corpus.num_utterances == 12
+    assert repr(SyntheticCorpus()) == (
+        "SyntheticCorpus(num_speakers=14, utterances_per_emotion=8, emotions=['anger', 'boredom', 'disgust', "
+        "'fear', 'happiness', 'sadness', 'neutral'], seed=0)")
+
+
+def test_uneven_corpus_is_deterministic_and_seeded():
+    kwargs = {"num_speakers": 30, "utterances": "zipf", "emotions_per_speaker": "mixed"}
+    a, b = SyntheticCorpus(seed=3, **kwargs), SyntheticCorpus(seed=3, **kwargs)
+    assert a.utterances == b.utterances and a.num_utterances == b.num_utterances
+    other = SyntheticCorpus(seed=4, **kwargs)
+    assert [len(a.utterances_of(s)) for s in a.speakers] != [len(other.utterances_of(s)) for s in other.speakers]
+    # A speaker's utterances depend on (seed, index), not on how many speakers there are.
+    more = SyntheticCorpus(seed=3, **{**kwargs, "num_speakers": 2000})
+    assert all(more.utterances_of(s) == a.utterances_of(s) for s in a.speakers)
+    assert "utterances='zipf'" in repr(a) and "emotions_per_speaker='mixed'" in repr(a)
+
+
+def test_zipf_counts_are_bounded_and_uneven():
+    corpus = SyntheticCorpus(num_speakers=30, utterances="zipf", seed=0)
+    counts = [len(corpus.utterances_of(s)) for s in corpus.speakers]
+    assert all(2 <= n <= 80 for n in counts)
+    assert max(counts) / min(counts) >= 10
+    assert corpus.num_utterances == sum(counts) == len(corpus.utterances)
+    assert len({u.uid for u in corpus.utterances}) == len(corpus.utterances)
+    # The shape of the law over many speakers (metadata only): a heavy tail, most speakers with few utterances.
+    big = SyntheticCorpus(num_speakers=2000, utterances="zipf", seed=0)
+    many = np.array([len(big.utterances_of(s)) for s in big.speakers])
+    assert big.num_utterances == many.sum()
+    assert 6 <= np.median(many) <= 12 and 0.1 < np.mean(many == 2) < 0.2 and 0.1 < np.mean(many >= 40) < 0.2
+    assert many.min() == 2 and many.max() == 80
+    narrow = SyntheticCorpus(num_speakers=50, utterances="zipf", min_utterances=5, max_utterances=6, zipf_exponent=2)
+    assert {len(narrow.utterances_of(s)) for s in narrow.speakers} == {5, 6}
+
+
+@pytest.mark.parametrize("utterances", ["uniform", "zipf"])
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_each_speaker_covers_k_emotions_and_every_emotion_occurs(utterances, k):
+    corpus = SyntheticCorpus(num_speakers=12, utterances=utterances, emotions_per_speaker=k, seed=2,
+                             **({"min_utterances": k} if utterances == "zipf" else {}))
+    covered = [frozenset(_emotions_of(corpus, s)) for s in corpus.speakers]
+    assert all(len(c) == k for c in covered)
+    assert set().union(*covered) == set(corpus.emotions)
+    if k < len(corpus.emotions):  # different speakers get different subsets
+        assert len(set(covered)) > 3
+    total = sum(len(corpus.utterances_of(s)) for s in corpus.speakers)
+    assert corpus.num_utterances == total
+    if utterances == "uniform":
+        assert total == 12 * k * corpus.utterances_per_emotion
+    else:  # the takes of a speaker's emotions differ by at most one
+        for s in corpus.speakers:
+            per = [sum(u.emotion == e for u in corpus.utterances_of(s)) for e in _emotions_of(corpus, s)]
+            assert max(per) - min(per) <= 1
+
+
+def test_few_speakers_still_cover_every_emotion():
+    """Emotions are dealt so that ceil(E / k) speakers cover all E of them."""
+    corpus = SyntheticCorpus(num_speakers=3, emotions_per_speaker=3, utterances_per_emotion=1)
+    assert set().union(*(_emotions_of(corpus, s) for s in corpus.speakers)) == set(DEFAULT_EMOTIONS)
+
+
+def test_mixed_is_mostly_single_emotion_speakers():
+    corpus = SyntheticCorpus(num_speakers=600, emotions_per_speaker="mixed", utterances_per_emotion=1, seed=5)
+    covered = [len(_emotions_of(corpus, s)) for s in corpus.speakers]
+    assert 0.85 < covered.count(1) / len(covered) < 0.95
+    assert set(covered) == {1, 2, 3, 4}
+    assert corpus.num_utterances == sum(covered)
+    assert set().union(*(_emotions_of(corpus, s) for s in corpus.speakers)) == set(DEFAULT_EMOTIONS)
+    # In zipf mode nobody covers more emotions than it has utterances.
+    zipf = SyntheticCorpus(num_speakers=300, utterances="zipf", emotions_per_speaker="mixed", seed=5)
+    assert all(len(_emotions_of(zipf, s)) <= min(4, len(zipf.utterances_of(s))) for s in zipf.speakers)
+
+
+def test_ten_thousand_uneven_speakers_are_metadata_only():
+    start = time.perf_counter()
+    corpus = SyntheticCorpus(num_speakers=10_000, utterances="zipf", emotions_per_speaker="mixed")
+    total = corpus.num_utterances
+    last = corpus.utterances_of(corpus.speakers[-1])
+    assert time.perf_counter() - start < 2.0
+    assert corpus._utterances is None
+    assert 10_000 * 2 <= total <= 10_000 * 80 and 2 <= len(last) <= 80
+    head = SyntheticCorpus(num_speakers=200, utterances="zipf", emotions_per_speaker="mixed")
+    assert sum(len(corpus.utterances_of(s)) for s in head.speakers) == head.num_utterances
+
+
+def test_listed_utterances_load_and_unlisted_ones_are_refused():
+    corpus = SyntheticCorpus(num_speakers=8, utterances_per_emotion=2, utterances="zipf", emotions_per_speaker=1)
+    speaker = max(corpus.speakers, key=lambda s: len(corpus.utterances_of(s)))
+    mine = corpus.utterances_of(speaker)
+    assert len(mine) > corpus.utterances_per_emotion  # zipf takes go past utterances_per_emotion
+    (emotion,) = _emotions_of(corpus, speaker)
+    last = mine[-1]
+    assert last.uid == f"{speaker}_{emotion}_{len(mine) - 1:02d}"
+    wave = corpus._load_audio(last)
+    uniform = SyntheticCorpus(num_speakers=8, utterances_per_emotion=len(mine))
+    assert np.array_equal(wave, uniform.synthesize(speaker, emotion, len(mine) - 1))  # same audio in every mode
+    with pytest.raises(CorpusError, match="out of range"):
+        corpus.synthesize(speaker, emotion, len(mine))
+    other = next(e for e in corpus.emotions if e != emotion)
+    with pytest.raises(CorpusError, match=f"has no '{other}' utterances"):
+        corpus.synthesize(speaker, other, 0)
+    longer = SyntheticCorpus(num_speakers=8, utterances_per_emotion=len(mine) + 1).utterances_of(speaker)
+    unlisted = (next(u for u in longer if u.emotion == other), [u for u in longer if u.emotion == emotion][-1])
+    for utt in unlisted:
+        assert utt not in mine
+        with pytest.raises(CorpusError):
+            corpus._load_audio(utt)
+
+
+def test_uneven_corpus_splits_like_any_other():
+    from fl_ser.data.partition import holdout_split, kfold_splits
+
+    corpus = SyntheticCorpus(num_speakers=20, utterances="zipf", emotions_per_speaker="mixed")
+    split = holdout_split(corpus.speakers, 4, seed=1, sex_of=corpus.speaker_sex)
+    assert sorted(split.train + split.test) == corpus.speakers and len(split.test) == 4
+    assert {corpus.speaker_sex(s) for s in split.test} == {"f", "m"}
+    assert all(corpus.utterances_of(s) for s in split.train + split.test)
+    folds = kfold_splits(corpus.speakers, 5, seed=1, sex_of=corpus.speaker_sex)
+    assert sorted(s for f in folds for s in f.test) == corpus.speakers
+
+
+def test_hydra_one_liner_builds_an_uneven_corpus():
+    from hydra import compose, initialize_config_dir
+
+    from fl_ser.data.corpus import corpus_from_config
+    from fl_ser.data.partition import split_from_config
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["data.utterances=zipf", "data.emotions_per_speaker=1"])
+    corpus = corpus_from_config(cfg)
+    assert isinstance(corpus, SyntheticCorpus) and corpus.utterance_mode == "zipf"
+    assert all(len(_emotions_of(corpus, s)) == 1 for s in corpus.speakers)
+    split = split_from_config(cfg, corpus)
+    assert len(split.test) == cfg.partition.num_test_speakers
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        default = compose("config")
+    data = {k: v for k, v in default.data.items() if k != "_target_"}
+    assert set(data) <= set(inspect.signature(SyntheticCorpus).parameters)
+    built = corpus_from_config(default)
+    assert repr(built) == repr(SyntheticCorpus(num_speakers=14, utterances_per_emotion=20, seed=default.seed))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"utterances": "power"}, "utterances must be one of ['uniform', 'zipf'], got 'power'"),
+        ({"emotions_per_speaker": 0}, "emotions_per_speaker=0 is out of range: this corpus has 7 emotions"),
+        ({"emotions_per_speaker": 3, "emotions": ["anger", "fear"]}, "emotions_per_speaker=3 is out of range"),
+        ({"emotions_per_speaker": "some"}, "emotions_per_speaker must be null (every emotion), an integer 1..7 or"),
+        ({"emotions_per_speaker": True}, "emotions_per_speaker must be null"),
+        ({"utterances": "zipf", "min_utterances": 10, "max_utterances": 5}, "min_utterances=10 is above max_utter"),
+        ({"utterances": "zipf", "min_utterances": 0}, "min_utterances must be >= 1"),
+        ({"utterances": "zipf", "max_utterances": 2.5}, "max_utterances must be an integer"),
+        ({"utterances": "zipf", "zipf_exponent": 0}, "zipf_exponent must be a positive number"),
+        ({"utterances": "zipf", "zipf_exponent": float("nan")}, "zipf_exponent must be a positive number"),
+        ({"max_utterances": 20}, "max_utterances=20: zipf settings, unused with utterances='uniform'"),
+        ({"utterances": "zipf", "emotions_per_speaker": 3}, "min_utterances=2 is below emotions_per_speaker=3"),
+        ({"num_speakers": 3, "emotions_per_speaker": 1}, "Fix: raise num_speakers to >= 7, or"),
+        ({"num_speakers": 2, "emotions_per_speaker": 2, "utterances_per_emotion": 1}, "raise num_speakers to >= 4"),
+    ],
+)
+def test_bad_uneven_settings(kwargs, message):
+    with pytest.raises(CorpusError) as err:
+        SyntheticCorpus(**kwargs)
+    assert message in str(err.value)

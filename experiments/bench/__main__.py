@@ -120,7 +120,8 @@ def main() -> None:
     bench.update(federation.mask_prg_overhead(shapes, num_devices=3 if args.quick else 100,
                                               alternations=1 if args.quick else 2))
     devices = 3 if args.quick else 100
-    whole = (f"data.num_speakers={devices + 4}", "partition.num_test_speakers=4", "rounds=4", "release.deploy=false",
+    whole = ("privacy=full", "model=mlp", f"data.num_speakers={devices + 4}", "partition.num_test_speakers=4",
+             "rounds=4", "release.deploy=false",
              *(("data.utterances_per_emotion=2",) if args.quick else ()))
     bench.update(federation.default_model_overhead(
         config(out / "runs" / "secagg_default_plain", *whole, "aggregation=plain"),

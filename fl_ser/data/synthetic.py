@@ -76,6 +76,40 @@ Drawn from `numpy.random.default_rng([seed, tag, speaker index])`; see
 | emotional style    | each effect of each emotion scaled by a personal factor (sd 30 %)     |
 | channel and noise  | see step 7; SNR 15-40 dB                                              |
 
+Uneven federations
+------------------
+By default every speaker reads `utterances_per_emotion` takes of every emotion,
+as in an acted corpus. Real participants are not like that: one records 2
+clips, another 80, and most show only a few emotions (in one corpus of
+talk-show clips, 26 of 29 speakers had a single emotion). Two settings give
+such federations, so that small and uneven ones can be tested without private
+data; both are metadata only (nothing is synthesised to decide them):
+
+- `utterances="zipf"`: speaker i's total number of utterances n is drawn from
+  (seed, i) with P(n) proportional to n ** -zipf_exponent on
+  [min_utterances, max_utterances] (a power law truncated to that range, not
+  clipped, so the top count is not piled up; defaults 1.1, 2 and 80: median 9,
+  mean about 18, 15 % of speakers with 2, 15 % with 40 or more).
+  `utterances_per_emotion` is then unused. A speaker's n utterances are dealt
+  round-robin over its emotions, so their take counts differ by at most one
+  (and may exceed `utterances_per_emotion`).
+- `emotions_per_speaker`: None (every emotion), an integer k (each speaker
+  covers k emotions) or `"mixed"` (90 % of speakers cover one emotion, the
+  rest 2-4, as in the talk-show corpus). Emotions are dealt like cards: each
+  group of speakers shares one shuffled deck of the corpus's emotions (drawn
+  from seed and group) and speaker j of the group takes the next k cards from
+  position j x k (position j for None and `"mixed"`), wrapping round the deck.
+  A group has ceil(E / k) speakers for an integer k and E speakers otherwise
+  (E emotions), so every group covers every emotion, different speakers get
+  different subsets and every emotion is about equally common. In zipf mode
+  a speaker never covers more emotions than it has utterances (only possible
+  with None or `"mixed"`; an integer k needs `min_utterances >= k`).
+
+Counts and emotions depend only on (seed, speaker index), the emotion list and
+these settings, never on `num_speakers`: adding speakers leaves the existing
+ones unchanged. Take t of an emotion is still (seed, speaker index, emotion,
+t), so an utterance's audio is the same in every mode that lists it.
+
 Emotions
 --------
 `EMOTION_PROFILES` holds, per emotion, how an utterance differs from the same
@@ -275,6 +309,7 @@ _RAMP = np.tile(np.arange(_CTRL_HOP) / _CTRL_HOP, int(2 * _MAX_SECONDS * _SR) //
 
 # Seed-sequence tags keep the random streams of different purposes apart.
 _TAG_SPEAKER, _TAG_SEX, _TAG_STYLE, _TAG_UTTERANCE, _TAG_TEXT = 0, 1, 2, 3, 4
+_TAG_COUNT, _TAG_EMOTION_COUNT, _TAG_DECK = 5, 6, 7
 
 # Formants (Hz) of adult male vowels: F1-F3 from Hillenbrand et al. 1995, F4-F5 of a uniform tube.
 _VOWELS = np.array(
@@ -719,20 +754,51 @@ def _synthesize(seed: int, index: int, emotion: str, take: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
+# ----------------------------------------------------------------------------- uneven federations
+_UTTERANCE_MODES = ("uniform", "zipf")
+_MIXED = "mixed"  # emotions_per_speaker: most speakers show one emotion
+_MIXED_SINGLE_SHARE = 0.9  # 26 of 29 speakers of a talk-show corpus had one emotion
+_MIXED_MORE = (2, 4)  # how many the other speakers show (uniform)
+_ZIPF_DEFAULTS = {"zipf_exponent": 1.1, "min_utterances": 2, "max_utterances": 80}
+_BLOCK = 1024  # speakers per random block: 10,000 speakers' draws cost 10 generators, not 10,000
+
+
+@functools.lru_cache(maxsize=512)
+def _block_uniforms(seed: int, tag: int, block: int) -> np.ndarray:
+    """One uniform draw per speaker of speakers ``block * _BLOCK ...``: speaker i's draw depends on (seed, tag, i)."""
+    draws = np.random.default_rng([seed, tag, block]).random(_BLOCK)
+    draws.setflags(write=False)
+    return draws
+
+
+@functools.lru_cache(maxsize=4096)
+def _deck(seed: int, group: int, num_emotions: int) -> tuple[int, ...]:
+    """The shuffled emotions (indices into the sorted emotion names) dealt to one group of speakers."""
+    return tuple(int(e) for e in np.random.default_rng([seed, _TAG_DECK, group]).permutation(num_emotions))
+
+
 # ----------------------------------------------------------------------------- corpus
 class SyntheticCorpus(Corpus):
     """A deterministic, lazily generated emotional-speech corpus (see the module docstring).
 
     Args:
         num_speakers: number of speakers (>= 2), ids ``spk0000``, ``spk0001``, ...
-        utterances_per_emotion: takes per speaker and emotion (>= 1).
+        utterances_per_emotion: takes per speaker and emotion (>= 1) with ``utterances="uniform"``; unused
+            with ``"zipf"``.
         emotions: label set and class order; default :data:`DEFAULT_EMOTIONS`
             (the 7 EmoDB emotions); any of :data:`SUPPORTED_EMOTIONS`.
         seed: non-negative integer; the same seed gives the same corpus, bit for bit.
+        utterances: ``"uniform"`` (every speaker has ``utterances_per_emotion`` takes of each of its emotions)
+            or ``"zipf"`` (each speaker's total drawn from a power law, see "Uneven federations").
+        zipf_exponent, min_utterances, max_utterances: the ``"zipf"`` law, P(n) ~ n ** -zipf_exponent on
+            [min_utterances, max_utterances]; left at their defaults with ``"uniform"``.
+        emotions_per_speaker: None (every emotion), an integer k in 1..len(emotions), or ``"mixed"``
+            (90 % of speakers one emotion, the rest 2-4).
 
-    Nothing is generated up front: :attr:`speakers`, :meth:`speaker_sex` and
-    :meth:`utterances_of` are computed from the seed per speaker, and
-    :attr:`utterances` (the full list) is built only when asked for.
+    Nothing is generated up front: :attr:`speakers`, :meth:`speaker_sex`,
+    :meth:`utterances_of` and :attr:`num_utterances` are computed from the
+    seed per speaker (metadata only), and :attr:`utterances` (the full list) is
+    built only when asked for.
     """
 
     name = "synthetic"
@@ -743,9 +809,15 @@ class SyntheticCorpus(Corpus):
         utterances_per_emotion: int = 8,
         emotions: list[str] | tuple[str, ...] | None = None,
         seed: int = 0,
+        utterances: str = "uniform",
+        zipf_exponent: float = _ZIPF_DEFAULTS["zipf_exponent"],
+        min_utterances: int = _ZIPF_DEFAULTS["min_utterances"],
+        max_utterances: int = _ZIPF_DEFAULTS["max_utterances"],
+        emotions_per_speaker: int | str | None = None,
     ):
-        checks = (("num_speakers", num_speakers, 2), ("utterances_per_emotion", utterances_per_emotion, 1))
-        for arg, value, low in (*checks, ("seed", seed, 0)):
+        checks = (("num_speakers", num_speakers, 2), ("utterances_per_emotion", utterances_per_emotion, 1),
+                  ("seed", seed, 0), ("min_utterances", min_utterances, 1), ("max_utterances", max_utterances, 1))
+        for arg, value, low in checks:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise CorpusError(f"synthetic: {arg} must be an integer, got {value!r}")
             if value < low:
@@ -767,21 +839,134 @@ class SyntheticCorpus(Corpus):
         self.num_speakers = int(num_speakers)
         self.utterances_per_emotion = int(utterances_per_emotion)
         self.seed = int(seed)
-        self._id_width = max(4, len(str(self.num_speakers - 1)))
-        self._take_width = max(2, len(str(self.utterances_per_emotion - 1)))
         self._by_uid = tuple(sorted(self.emotions))  # per-speaker utterance order = uid order
+        self._check_uneven(utterances, zipf_exponent, min_utterances, max_utterances, emotions_per_speaker)
+        self.utterance_mode = utterances
+        self.zipf_exponent = float(zipf_exponent)
+        self.min_utterances = int(min_utterances)
+        self.max_utterances = int(max_utterances)
+        self.emotions_per_speaker = emotions_per_speaker if emotions_per_speaker in (None, _MIXED) else int(
+            emotions_per_speaker)  # a numpy integer becomes an int (the repr is a cache key)
+        num = len(self.emotions)
+        self._stride = self.emotions_per_speaker if isinstance(self.emotions_per_speaker, int) else 1
+        self._group = -(-num // self._stride)  # speakers per deck: each group covers every emotion
+        if self.utterance_mode == "zipf":
+            counts = np.arange(self.min_utterances, self.max_utterances + 1, dtype=np.float64)
+            weights = counts ** -self.zipf_exponent
+            self._zipf_cdf = np.cumsum(weights) / weights.sum()
+        self._id_width = max(4, len(str(self.num_speakers - 1)))
+        most_takes = self.max_utterances if self.utterance_mode == "zipf" else self.utterances_per_emotion
+        self._take_width = max(2, len(str(most_takes - 1)))
         self._utterances: list[Utterance] | None = None
+        if self.num_speakers < self._group:  # a group's speakers cover every emotion: check fewer by hand
+            self._check_coverage()
+
+    def _check_uneven(self, utterances, zipf_exponent, min_utterances, max_utterances, emotions_per_speaker):
+        if utterances not in _UTTERANCE_MODES:
+            raise CorpusError(f"synthetic: utterances must be one of {list(_UTTERANCE_MODES)}, got {utterances!r}")
+        if isinstance(zipf_exponent, bool) or not isinstance(zipf_exponent, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(zipf_exponent) or zipf_exponent <= 0:
+            raise CorpusError(f"synthetic: zipf_exponent must be a positive number (e.g. 1.1), got {zipf_exponent!r}")
+        if min_utterances > max_utterances:
+            raise CorpusError(f"synthetic: min_utterances={min_utterances} is above max_utterances={max_utterances}; "
+                              f"set min_utterances <= max_utterances")
+        zipf_args = {"zipf_exponent": zipf_exponent, "min_utterances": min_utterances,
+                     "max_utterances": max_utterances}
+        if utterances == "uniform":
+            changed = [f"{k}={v!r}" for k, v in zipf_args.items() if v != _ZIPF_DEFAULTS[k]]
+            if changed:
+                raise CorpusError(f"synthetic: {', '.join(changed)}: zipf settings, unused with utterances='uniform' "
+                                  f"(every speaker has utterances_per_emotion takes per emotion); set "
+                                  f"utterances=zipf, or leave them at their defaults {_ZIPF_DEFAULTS}")
+        num = len(self.emotions)
+        if emotions_per_speaker is None or emotions_per_speaker == _MIXED:
+            return
+        if isinstance(emotions_per_speaker, bool) or not isinstance(emotions_per_speaker, (int, np.integer)):
+            raise CorpusError(f"synthetic: emotions_per_speaker must be null (every emotion), an integer 1..{num} or "
+                              f"{_MIXED!r}, got {emotions_per_speaker!r}")
+        if not 1 <= emotions_per_speaker <= num:
+            raise CorpusError(f"synthetic: emotions_per_speaker={emotions_per_speaker} is out of range: this corpus "
+                              f"has {num} emotions, so use 1..{num} (or null for every emotion)")
+        if utterances == "zipf" and min_utterances < emotions_per_speaker:
+            raise CorpusError(f"synthetic: min_utterances={min_utterances} is below emotions_per_speaker="
+                              f"{emotions_per_speaker}: a speaker cannot cover {emotions_per_speaker} emotions with "
+                              f"{min_utterances} utterances; raise min_utterances to >= {emotions_per_speaker} or "
+                              f"lower emotions_per_speaker")
+
+    def _check_coverage(self) -> None:
+        covered = {e for i in range(self.num_speakers) for e, _ in self._plan(i)}
+        missing = [e for e in self.emotions if e not in covered]
+        if missing:
+            fixes = [f"raise num_speakers to >= {self._group}", "list fewer emotions"]
+            if isinstance(self.emotions_per_speaker, int):
+                fixes.append("raise emotions_per_speaker")
+            elif self.utterance_mode == "zipf":
+                fixes.append("raise min_utterances")
+            raise CorpusError(
+                f"synthetic: no speaker has any utterance of {missing}: {self.num_speakers} speakers with "
+                f"emotions_per_speaker={self.emotions_per_speaker!r} (utterances={self.utterance_mode!r}) do not "
+                f"cover all {len(self.emotions)} emotions. Fix: {', or '.join(fixes)}")
 
     def __repr__(self) -> str:
+        extra = ""
+        if self.utterance_mode != "uniform":
+            extra += (f", utterances={self.utterance_mode!r}, zipf_exponent={self.zipf_exponent!r}, "
+                      f"min_utterances={self.min_utterances}, max_utterances={self.max_utterances}")
+        if self.emotions_per_speaker is not None:
+            extra += f", emotions_per_speaker={self.emotions_per_speaker!r}"
         return (
             f"SyntheticCorpus(num_speakers={self.num_speakers}, utterances_per_emotion="
-            f"{self.utterances_per_emotion}, emotions={list(self.emotions)}, seed={self.seed})"
+            f"{self.utterances_per_emotion}, emotions={list(self.emotions)}, seed={self.seed}{extra})"
         )
 
     # -- metadata, lazily ------------------------------------------------------
+    def _draws(self, tag: int, index: int | None) -> np.ndarray:
+        """The uniform draws of speaker ``index``, or of every speaker (None), in speaker order."""
+        if index is not None:
+            return _block_uniforms(self.seed, tag, index // _BLOCK)[index % _BLOCK :][:1]
+        blocks = [_block_uniforms(self.seed, tag, b) for b in range(-(-self.num_speakers // _BLOCK))]
+        return np.concatenate(blocks)[: self.num_speakers]
+
+    def _totals(self, index: int | None = None) -> np.ndarray:
+        """Utterances per speaker in zipf mode (of ``index``, or of every speaker)."""
+        pos = np.searchsorted(self._zipf_cdf, self._draws(_TAG_COUNT, index), side="right")
+        return self.min_utterances + np.minimum(pos, len(self._zipf_cdf) - 1)
+
+    def _emotion_counts(self, index: int | None = None, totals: np.ndarray | None = None) -> np.ndarray:
+        """How many emotions a speaker covers (of ``index``, or of every speaker); never more than ``totals``."""
+        num = len(self.emotions)
+        size = 1 if index is not None else self.num_speakers
+        if self.emotions_per_speaker == _MIXED:
+            u = self._draws(_TAG_EMOTION_COUNT, index)
+            lo, hi = _MIXED_MORE
+            more = lo + ((u - _MIXED_SINGLE_SHARE) / (1.0 - _MIXED_SINGLE_SHARE) * (hi - lo + 1)).astype(np.int64)
+            counts = np.minimum(np.where(u < _MIXED_SINGLE_SHARE, 1, np.minimum(more, hi)), num)
+        else:
+            counts = np.full(size, num if self.emotions_per_speaker is None else self.emotions_per_speaker)
+        return counts if totals is None else np.minimum(counts, totals)
+
+    def _plan(self, index: int) -> tuple[tuple[str, int], ...]:
+        """Speaker ``index``'s (emotion, number of takes), in uid order: its utterances are takes 0..n-1 of each."""
+        zipf = self.utterance_mode == "zipf"
+        total = int(self._totals(index)[0]) if zipf else 0
+        count = int(self._emotion_counts(index, np.array([total]) if zipf else None)[0])
+        group, slot = divmod(index, self._group)
+        deck = _deck(self.seed, group, len(self._by_uid))
+        dealt = [self._by_uid[deck[(slot * self._stride + t) % len(deck)]] for t in range(count)]
+        if zipf:  # round-robin: the first total % count emotions dealt get one take more
+            takes = [total // count + (t < total % count) for t in range(count)]
+        else:
+            takes = [self.utterances_per_emotion] * count
+        return tuple(sorted(zip(dealt, takes, strict=True)))
+
     @property
     def num_utterances(self) -> int:
-        return self.num_speakers * len(self.emotions) * self.utterances_per_emotion
+        if self.utterance_mode == "zipf":
+            return int(self._totals().sum())
+        if self.emotions_per_speaker == _MIXED:
+            return self.utterances_per_emotion * int(self._emotion_counts().sum())
+        covered = len(self.emotions) if self.emotions_per_speaker is None else self.emotions_per_speaker
+        return self.num_speakers * covered * self.utterances_per_emotion
 
     def speaker_id(self, index: int) -> str:
         if not 0 <= index < self.num_speakers:
@@ -820,8 +1005,8 @@ class SyntheticCorpus(Corpus):
                 sex=sex,
                 source=f"synthetic(seed={self.seed}, speaker={index}, emotion={emotion}, take={take})",
             )
-            for emotion in self._by_uid
-            for take in range(self.utterances_per_emotion)
+            for emotion, takes in self._plan(index)
+            for take in range(takes)
         ]
 
     @property
@@ -836,13 +1021,16 @@ class SyntheticCorpus(Corpus):
         """Audio of one utterance (float32 mono, 16 kHz, peak < 1), generated on the spot.
 
         Raises KeyError for a speaker id not of this corpus, CorpusError for an
-        emotion or take outside it.
+        emotion or take that :meth:`utterances_of` does not list for the speaker.
         """
         index = self.speaker_index(speaker)
         if emotion not in self.emotions:
             raise CorpusError(f"synthetic: emotion {emotion!r} is not in this corpus {list(self.emotions)}")
-        if not 0 <= take < self.utterances_per_emotion:
-            raise CorpusError(f"synthetic: take {take} out of range 0..{self.utterances_per_emotion - 1}")
+        plan = dict(self._plan(index))
+        if emotion not in plan:
+            raise CorpusError(f"synthetic: {speaker} has no {emotion!r} utterances; it covers {sorted(plan)}")
+        if not 0 <= take < plan[emotion]:
+            raise CorpusError(f"synthetic: take {take} out of range 0..{plan[emotion] - 1}")
         return _synthesize(self.seed, index, emotion, int(take))
 
     def _load_audio(self, utt: Utterance) -> np.ndarray:

@@ -15,18 +15,29 @@ Two guarantees are accounted:
 
 Both use add/remove-one adjacency (Opacus's), of one utterance and of one
 device's whole data respectively.
+
+**Set epsilon, not noise** (:func:`calibrated_noise`): given a target epsilon
+and the plan of what will be spent as a function of the noise multiplier z
+(the normaliser's release, the planned rounds and steps), the smallest z whose
+composed epsilon does not exceed the target, found by bisection on the same
+accountant that later reports the spend, as Opacus's
+``get_noise_multiplier``/``make_private_with_epsilon`` do for a single
+mechanism. The result meets the target from below, within
+:data:`CALIBRATION_RTOL` of it.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
 
 Entry = tuple[float, float, int]  # (noise multiplier, sample rate, steps): Opacus's accountant history
+#: :func:`calibrated_noise` stops once the planned epsilon is within this fraction below the target.
+CALIBRATION_RTOL = 0.01
 
 
 class PrivacyBudgetError(ValueError):
@@ -71,3 +82,40 @@ def user_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int,
     if noise_multiplier <= 0 or rounds <= 0:
         return None
     return epsilon([(noise_multiplier, sample_rate, rounds)], delta, mechanism)
+
+
+def calibrated_noise(target_epsilon: float, delta: float, plan: Callable[[float], list[Entry]],
+                     mechanism: str = "rdp", who: str = "the plan") -> float:
+    """The noise multiplier ``z`` for which ``plan(z)`` spends at most ``target_epsilon`` at ``delta``, and at least
+    ``(1 - CALIBRATION_RTOL)`` of it; ``plan`` maps a noise multiplier to the entries that will be spent.
+
+    Raises :class:`PrivacyBudgetError` when no noise reaches the target (what ``plan`` spends regardless of ``z``,
+    e.g. a normaliser release, already exceeds it).
+    """
+    target = float(target_epsilon)
+    if not (math.isfinite(target) and target > 0):
+        raise PrivacyBudgetError(f"{who}: target_epsilon must be a positive number, got {target_epsilon}")
+
+    def eps(z: float) -> float:
+        return epsilon(plan(z), delta, mechanism)
+
+    hi = 1.0
+    while eps(hi) > target:
+        hi *= 2
+        if hi > 1e6:
+            raise PrivacyBudgetError(
+                f"{who}: target_epsilon={target} cannot be reached at delta={delta} with any noise: what is spent "
+                f"regardless of the noise multiplier (e.g. the normaliser's release) already exceeds it. Raise "
+                "the target, or lower privacy.normalization's spend.")
+    lo = hi / 2
+    while lo > 1e-3 and eps(lo) <= target:
+        hi, lo = lo, lo / 2
+    for _ in range(200):
+        if eps(hi) >= target * (1 - CALIBRATION_RTOL):
+            break
+        mid = math.sqrt(lo * hi)
+        if eps(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return hi

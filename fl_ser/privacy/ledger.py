@@ -8,7 +8,9 @@ file per device, in simulation), keyed by the data it protects:
   same recording is the same utterance whatever its file is called;
 * every *event* (a normaliser release, a DP-SGD round) records its mechanisms
   as Opacus accountant entries ``(z, q, steps)`` and the set (*cohort*) of
-  utterances it touched;
+  utterances it touched; a distributed DP-GD round (:mod:`fl_ser.privacy.distributed`)
+  also records ``local_mechanisms``: what its share carries against anyone who
+  sees this device's own update, reported as ``epsilon_local``;
 * an utterance's epsilon composes every event it was in, and the device's
   epsilon is the largest over the utterances it holds now. Adding recordings
   therefore starts the new ones at zero without resetting the old ones, and a
@@ -114,28 +116,32 @@ class Book:
         return [list(sig) for sig in {tuple(i for i, e in enumerate(self.events) if u in members[e["cohort"]])
                                       for u in ids}]
 
-    def entries(self, ids: Iterable[str], kinds: Iterable[str] = KINDS, run: str | None = None) -> list[list[Entry]]:
-        """Per group of utterances, the mechanism entries that touched it (optionally only some kinds / one run)."""
+    def entries(self, ids: Iterable[str], kinds: Iterable[str] = KINDS, run: str | None = None,
+                local: bool = False) -> list[list[Entry]]:
+        """Per group of utterances, the mechanism entries that touched it (optionally only some kinds / one run;
+        ``local``: what each event carries against anyone who sees this device's own update)."""
         kinds = set(kinds)
-        return [[tuple(m) for i in group for m in self.events[i]["mechanisms"]
+        key = "local_mechanisms" if local else "mechanisms"
+        return [[tuple(m) for i in group for m in self.events[i].get(key, self.events[i]["mechanisms"])
                  if self.events[i]["kind"] in kinds and (run is None or self.events[i]["run"] == run)]
                 for group in self._groups(ids)]
 
     def epsilon(self, ids: Iterable[str], delta: float, mechanism: str = "rdp", planned: Iterable[Entry] = (),
-                kinds: Iterable[str] = KINDS, run: str | None = None) -> float:
+                kinds: Iterable[str] = KINDS, run: str | None = None, local: bool = False) -> float:
         """The largest epsilon of any utterance in ``ids``, after ``planned`` more entries applied to all of them."""
         ids, planned = list(ids), list(planned)
-        groups = self.entries(ids, kinds, run) if ids else []
+        groups = self.entries(ids, kinds, run, local) if ids else []
         return max((epsilon([*g, *planned], delta, mechanism) for g in groups), default=epsilon(planned, delta,
                                                                                               mechanism))
 
     def epsilons(self, ids: Iterable[str], delta: float, mechanism: str, run: str) -> dict[str, float]:
         """The device's reported epsilons (:data:`~fl_ser.protocol.EPSILON_METRICS`): lifetime total, this run's,
-        and the normalisation and training parts."""
+        the normalisation and training parts, and the lifetime total against a view of its own update."""
         ids = list(ids)
         values = (self.epsilon(ids, delta, mechanism), self.epsilon(ids, delta, mechanism, run=run),
                   self.epsilon(ids, delta, mechanism, kinds=("normalization",)),
-                  self.epsilon(ids, delta, mechanism, kinds=("training",)))
+                  self.epsilon(ids, delta, mechanism, kinds=("training",)),
+                  self.epsilon(ids, delta, mechanism, local=True))
         return dict(zip(EPSILON_METRICS, values, strict=True))
 
     def released_statistics(self, key: str, ids: Iterable[str]) -> dict | None:
@@ -147,14 +153,18 @@ class Book:
 
     # -- writing (write-ahead) -------------------------------------------------
     def record(self, kind: str, mechanisms: Iterable[Entry], ids: Iterable[str], run: str, round_: int | None,
-               statistics: tuple[str, dict] | None = None) -> None:
-        """Append one event and make it durable before returning; ``statistics`` = (normalisation key, release)."""
+               statistics: tuple[str, dict] | None = None, local: Iterable[Entry] | None = None) -> None:
+        """Append one event and make it durable before returning; ``statistics`` = (normalisation key, release);
+        ``local``: the event's entries against a view of this device's own update, where they differ."""
         if kind not in KINDS:
             raise ValueError(f"unknown ledger event kind {kind!r}")
         cohort = self._cohort(ids)
-        self.events.append({"kind": kind, "run": run, "round": round_, "cohort": cohort,
-                            "time": datetime.now(UTC).isoformat(timespec="seconds"),
-                            "mechanisms": [[float(z), float(q), int(n)] for z, q, n in mechanisms]})
+        event = {"kind": kind, "run": run, "round": round_, "cohort": cohort,
+                 "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                 "mechanisms": [[float(z), float(q), int(n)] for z, q, n in mechanisms]}
+        if local is not None:
+            event["local_mechanisms"] = [[float(z), float(q), int(n)] for z, q, n in local]
+        self.events.append(event)
         if statistics is not None:
             self.normalizers[statistics[0]] = {"cohort": cohort, "statistics": statistics[1]}
         self._save()
@@ -242,12 +252,13 @@ class LifetimeLedger:
 
 
 def spend_round(book: Book, data, norm, budget: float, delta: float, mechanism: str, planned: list[Entry],
-                train: Callable, run: str, round_: int | None) -> dict:
+                train: Callable, run: str, round_: int | None, local: list[Entry] | None = None) -> dict:
     """One DP-SGD round of the device holding ``data`` (its features ``x`` and utterance ``ids``) under the open
     ``book``: decline if it would take any utterance past ``budget``; release the normaliser ``norm`` if this
     data has no release yet (recorded before use); ``train(x)`` on the standardised features, returning the
-    accountant entries it spent; record them before returning. Returns the metrics (``declined`` 1: nothing was
-    spent and nothing trained)."""
+    accountant entries it spent; record them (and ``local``, a distributed round's entries against a view of
+    this device's own share) before returning. Returns the metrics (``declined`` 1: nothing was spent and nothing
+    trained)."""
     import torch
 
     from fl_ser.privacy.normalization import Statistics
@@ -266,8 +277,9 @@ def spend_round(book: Book, data, norm, budget: float, delta: float, mechanism: 
         book.record("normalization", pending, ids, run, round_, statistics=(norm.key, stats))
     with torch.no_grad():
         x = norm.module(data.x, Statistics.from_json(stats) if stats is not None else None)(data.x)
-    book.record("training", train(x), ids, run, round_)  # write-ahead: durable before the update leaves
+    book.record("training", train(x), ids, run, round_, local=local)  # write-ahead: durable before it leaves
     metrics = {"declined": 0, **book.epsilons(ids, delta, mechanism, run)}
-    log.info("round %s: lifetime epsilon %.3f (this run %.3f; normalisation %.3f, training %.3f) at delta %g",
+    log.info("round %s: lifetime epsilon %.3f (this run %.3f; normalisation %.3f, training %.3f; against a view of "
+             "its own update %.3f) at delta %g",
              round_, *(metrics[k] for k in EPSILON_METRICS), delta)
     return metrics

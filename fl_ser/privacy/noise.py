@@ -112,23 +112,45 @@ def _granularity(std: float) -> int:
     return k
 
 
+#: With a caller's grid (:func:`add_gaussian`'s ``step``), the noise must span at least this many grid steps per
+#: std: then the Kairouz-Liu-Steinke tau of a sum of such shares is below exp(-600), zero in double precision.
+MIN_STEPS_PER_STD = 8
+
+
+def _step_granularity(std: float, step: float) -> int:
+    """``k`` with ``2^k == step``, refusing a step that is not a power of two or too coarse for ``std``."""
+    mantissa, exponent = math.frexp(float(step))
+    if not (math.isfinite(step) and step > 0 and mantissa == 0.5):
+        raise ValueError(f"noise grid step {step} must be a power of two (the grid SecAgg+ quantises to)")
+    if std < MIN_STEPS_PER_STD * step:
+        raise ValueError(f"noise std {std:.6g} spans fewer than {MIN_STEPS_PER_STD} grid steps of {step:.6g}: the "
+                         "discrete Gaussian would be too coarse for its accounting; use a finer grid")
+    return exponent - 1
+
+
 @functools.lru_cache(maxsize=64)
-def _mechanism(size: int, std: float):
-    """OpenDP's Gaussian mechanism on float64 vectors of ``size``, built once per size and std (~0.15 ms)."""
+def _mechanism(size: int, std: float, k: int):
+    """OpenDP's Gaussian mechanism on float64 vectors of ``size``, grid ``2^k``, built once each (~0.15 ms)."""
     import opendp.prelude as dp
 
     dp.enable_features("contrib")
     return dp.m.make_gaussian(dp.vector_domain(dp.atom_domain(T=float, nan=False), size=size),
-                              dp.l2_distance(T=float), scale=std, k=_granularity(std))
+                              dp.l2_distance(T=float), scale=std, k=k)
 
 
-def add_gaussian(arrays: Sequence[np.ndarray], std: float) -> list[np.ndarray]:
+def add_gaussian(arrays: Sequence[np.ndarray], std: float, step: float | None = None) -> list[np.ndarray]:
     """``arrays`` released with N(0, std^2) noise on every value, through OpenDP (see the module docstring).
 
     One OpenDP call for all arrays together. Shapes and (floating) dtypes are kept: the noisy float64 values
     are cast back to each array's dtype, which is post-processing. ``std == 0`` returns copies.
+
+    ``step`` (a power of two, at least :data:`MIN_STEPS_PER_STD` times finer than ``std``) replaces the default
+    grid: OpenDP then rounds the values to multiples of ``step`` and adds ``step`` times a discrete Gaussian,
+    so every output is an exact multiple of ``step`` (:mod:`fl_ser.privacy.distributed` makes it SecAgg+'s
+    quantisation grid). The rounding raises the L2 sensitivity by at most ``step * sqrt(d)``.
     """
     std = _check_std(std)
+    k = None if step is None or std == 0 else _step_granularity(std, step)
     arrays = [np.asarray(a) for a in arrays]
     for a in arrays:
         if not np.issubdtype(a.dtype, np.floating):
@@ -139,7 +161,7 @@ def add_gaussian(arrays: Sequence[np.ndarray], std: float) -> list[np.ndarray]:
                          "(did training diverge?); a DP release needs finite values")
     if std == 0 or flat.size == 0:
         return [a.copy() for a in arrays]
-    noisy = np.asarray(_mechanism(flat.size, std)(flat), dtype=np.float64)
+    noisy = np.asarray(_mechanism(flat.size, std, _granularity(std) if k is None else k)(flat), dtype=np.float64)
     bounds = np.cumsum([a.size for a in arrays])[:-1]
     return [part.reshape(a.shape).astype(a.dtype) for part, a in zip(np.split(noisy, bounds), arrays, strict=True)]
 

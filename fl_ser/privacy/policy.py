@@ -6,8 +6,13 @@ largest per-sample clipping norm and whether that noise must come from the
 vetted sampler, which feature normalisations are acceptable,
 the largest update norm, the least user-level noise share (distributed
 placement), whether updates may leave only under SecAgg+ and in cohorts of at
-least how many devices, and whether the device may report its accuracy on its
-own data after the release.
+least how many devices, whether DP-SGD's noise may be distributed (each device
+adding only its share under SecAgg+, :mod:`fl_ser.privacy.distributed`), and
+whether the device may report its accuracy on its own data after the release.
+With ``privacy.dp_sgd.target_epsilon`` the device computes its noise multiplier
+itself (:mod:`fl_ser.privacy.budget`): the target may not exceed its budget, and
+the noise it gives may not fall below the policy's minimum
+(:meth:`DevicePolicy.check_noise_multiplier`).
 
 Where it comes from: in simulation, from the experiment config (the device's
 own configuration). On a SuperNode, from a policy file (node config
@@ -67,6 +72,7 @@ class DevicePolicy:
     secure_aggregation: bool = False  # updates leave only SecAgg+-masked
     min_cohort: int = 2  # SecAgg+ cohorts smaller than this are refused; distributed noise calibrates to it
     device_report: bool = True  # may send its accuracy with the released model
+    placements: tuple[str, ...] = ("local", "distributed")  # DP-SGD noise: on the device alone, or shared (SecAgg+)
 
     def __post_init__(self):
         if self.epsilon_budget is not None and not self.epsilon_budget > 0:
@@ -87,9 +93,16 @@ class DevicePolicy:
             if not dp.enabled:
                 out.append("sample-level DP is off (privacy.dp_sgd.enabled=false), the device requires it")
             else:
-                if float(dp.noise_multiplier) < self.min_noise_multiplier * (1 - TOLERANCE):
+                target = dp.get("target_epsilon")
+                if target is not None and float(target) > self.epsilon_budget * (1 + TOLERANCE):
+                    out.append(f"target_epsilon {target} > the device's budget {self.epsilon_budget}")
+                if target is None and float(dp.noise_multiplier) < self.min_noise_multiplier * (1 - TOLERANCE):
                     out.append(f"DP-SGD noise_multiplier {dp.noise_multiplier} < the device's minimum "
                                f"{self.min_noise_multiplier}")
+                where = str(dp.get("placement", "local"))
+                if where not in self.placements:
+                    out.append(f"DP-SGD noise placement {where!r} is not one the device accepts "
+                               f"({', '.join(self.placements)}): a distributed share alone protects less")
                 if float(dp.max_grad_norm) > self.max_grad_norm * (1 + TOLERANCE):
                     out.append(f"DP-SGD max_grad_norm {dp.max_grad_norm} > the device's maximum {self.max_grad_norm}")
                 if float(dp.delta) > self.delta * (1 + TOLERANCE):
@@ -117,6 +130,12 @@ class DevicePolicy:
         if self.secure_aggregation and str(cfg.aggregation.name) != "secagg_plus":
             out.append(f"aggregation={cfg.aggregation.name}: the device sends updates only under SecAgg+")
         return out
+
+    def check_noise_multiplier(self, z: float) -> None:
+        """The DP-SGD noise multiplier the device computed for a target epsilon, against the policy's minimum."""
+        if z < self.min_noise_multiplier * (1 - TOLERANCE):
+            raise PolicyRefused(f"the experiment's target epsilon gives DP-SGD noise multiplier {z:.4g} on this "
+                                f"device, below its policy's minimum {self.min_noise_multiplier}")
 
     # -- each round's requests ---------------------------------------------------
     def clipping_norm(self, requested) -> float | None:
@@ -164,7 +183,7 @@ class DevicePolicy:
         return cls(
             epsilon_budget=float(dp.epsilon_budget) if dp.enabled else None,
             delta=float(dp.delta) if dp.enabled else 1e-5,
-            min_noise_multiplier=float(dp.noise_multiplier) if dp.enabled else 0.0,
+            min_noise_multiplier=float(dp.noise_multiplier) if dp.enabled and dp.get("target_epsilon") is None else 0.0,
             max_grad_norm=float(dp.max_grad_norm) if dp.enabled else math.inf,
             vetted_noise=bool(dp.enabled and dp.vetted_noise),
             normalization=(str(priv.normalization.mode),),
@@ -174,6 +193,7 @@ class DevicePolicy:
             secure_aggregation=str(cfg.aggregation.name) == "secagg_plus",
             min_cohort=max(int(cohort or 2), 2),
             device_report=bool(cfg.release.device_report),
+            placements=(str(dp.get("placement", "local")),) if dp.enabled else ("local", "distributed"),
         )
 
     @classmethod
@@ -191,8 +211,9 @@ class DevicePolicy:
         unknown = sorted(set(data) - known) if isinstance(data, dict) else ["(not a mapping)"]
         if unknown:
             raise PolicyRefused(f"privacy policy {path}: unknown settings {unknown}; known: {sorted(known)}")
-        if "normalization" in data:
-            data["normalization"] = tuple(data["normalization"])
+        for key in ("normalization", "placements"):
+            if key in data:
+                data[key] = tuple(data[key])
         try:
             return replace(defaults, **data)
         except (TypeError, ValueError) as err:
