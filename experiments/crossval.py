@@ -19,6 +19,7 @@ the new-device figures) is left empty there and out of the mean.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import statistics
@@ -76,12 +77,16 @@ def final_line(result: dict) -> str:
 
 
 def write_results(result: dict, out: Path) -> None:
+    """``crossval.csv``, then ``crossval.json`` (the frontier's sign that a point is complete), each atomically."""
+    from fl_ser.durable import write_atomically
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / "crossval.json").write_text(json.dumps(result, indent=2) + "\n")
-    with (out / "crossval.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS)
-        w.writeheader()
-        w.writerows({**r, "test_speakers": " ".join(r["test_speakers"] or [])} for r in result["folds"])
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, FIELDS)
+    w.writeheader()
+    w.writerows({**r, "test_speakers": " ".join(r["test_speakers"] or [])} for r in result["folds"])
+    write_atomically(out / "crossval.csv", table.getvalue())
+    write_atomically(out / "crossval.json", json.dumps(result, indent=2) + "\n")
 
 
 def crossval(cfg: DictConfig) -> dict:

@@ -134,6 +134,7 @@ def check_privacy(cfg: DictConfig, corpus, split) -> None:
 
     priv = cfg.privacy
     m = clients_per_round(cfg, len(split.train))
+    warn_speaker_statistics(cfg, corpus, split)
     user_noise = priv.user_level.noise_multiplier > 0 or priv.user_level.get("target_epsilon") is not None
     if user_noise and not priv.update_clipping.enabled:
         raise PrivacyBudgetError("user-level noise needs clipped updates (their sensitivity); set "
@@ -171,6 +172,21 @@ def check_privacy(cfg: DictConfig, corpus, split) -> None:
     if total > dp.epsilon_budget:
         log.warning("device %s would reach epsilon %.2f over %d rounds (> budget %.2f): devices will decline to "
                     "train once their budget is spent", smallest, total, expected, dp.epsilon_budget)
+
+
+def warn_speaker_statistics(cfg: DictConfig, corpus, split) -> None:
+    """Per-speaker statistics (``local``) subtract a speaker's mean: where most speakers express one or two
+    emotions, that mean is the emotion itself (an uneven synthetic federation: UAR 0.365 with them, 0.554 with
+    public statistics; RESULTS.md). Say so before the run, from the corpus's labels alone."""
+    if str(cfg.privacy.normalization.mode) != "local":
+        return
+    covered = sorted(len({u.emotion for u in corpus.utterances_of(s)}) for s in split.train)
+    median = covered[len(covered) // 2]
+    if 2 * median < len(corpus.emotions):
+        log.warning("privacy.normalization.mode=local standardises each device with its own statistics, but the "
+                    "median training speaker expresses %d of the %d emotions: its mean is mostly its emotion, which "
+                    "the normaliser then removes. Use privacy.normalization.mode=public (RESULTS.md, uneven "
+                    "federations).", median, len(corpus.emotions))
 
 
 def check_distributed(cfg: DictConfig, cohort: int, dp) -> None:

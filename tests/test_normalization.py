@@ -148,3 +148,19 @@ def test_reference_statistics_from_a_file(tmp_path):
 
     with pytest.raises(ConfigError, match="other features"):
         make_config(tmp_path, *SMALL, "features=logmel", "model=cnn", f"privacy.normalization.reference={file}")
+
+
+def test_per_speaker_statistics_on_single_emotion_speakers_are_warned_about(tmp_path, caplog):
+    """A speaker who expresses one emotion has that emotion as its mean: local statistics would remove it."""
+    import logging
+
+    few = ("data.num_speakers=12", "partition.num_test_speakers=2", "data.utterances=zipf",
+           "data.emotions_per_speaker=1")
+    with caplog.at_level(logging.WARNING, logger="fl_ser"):
+        make_config(tmp_path, "privacy=none", *few)
+        assert "median training speaker expresses 1 of the 7 emotions" in caplog.text
+        caplog.clear()
+        make_config(tmp_path, "privacy=none", "privacy.normalization.mode=public", *few)
+        make_config(tmp_path, "privacy=none", "data.num_speakers=6", "data.utterances_per_emotion=1",
+                    "partition.num_test_speakers=2")  # every speaker covers every emotion
+        assert "median training speaker" not in caplog.text
