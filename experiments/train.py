@@ -136,6 +136,11 @@ def check_privacy(cfg: DictConfig, corpus, split) -> None:
     m = clients_per_round(cfg, len(split.train))
     warn_speaker_statistics(cfg, corpus, split)
     user_noise = priv.user_level.noise_multiplier > 0 or priv.user_level.get("target_epsilon") is not None
+    from fl_ser.privacy.budget import distributed
+
+    if user_noise and distributed(cfg):
+        raise PrivacyBudgetError("privacy=distributed sends each device's noisy gradient sum, not a model update, so "
+                                 "there is no update to add user-level noise to: use privacy=full for user-level DP")
     if user_noise and not priv.update_clipping.enabled:
         raise PrivacyBudgetError("user-level noise needs clipped updates (their sensitivity); set "
                                  "privacy.update_clipping.enabled=true or privacy.user_level.noise_multiplier=0")

@@ -194,3 +194,18 @@ def test_every_sum_holds_at_least_k_shares_and_k_is_never_below_secaggs_threshol
     assert contributors_bound("auto", 5, 8) == 8 and contributors_bound("auto", 7, 29) == 27
     assert contributors_bound("auto", 5, None) == 5  # a device that cannot know the cohort: t (more noise)
     assert contributors_bound(3, 5, 8) == 5 and contributors_bound(6, 5, 8) == 6
+
+
+@pytest.mark.parametrize("override, problem", [
+    ("aggregation=plain", "needs aggregation=secagg_plus"),
+    ("aggregation.clipping_range=10.0", "powers of two"),
+    ("privacy.user_level.noise_multiplier=1.0", "no update to add user-level noise to"),
+    ("privacy.update_clipping.enabled=true", "not a model update"),
+])
+def test_distributed_dp_refuses_what_would_break_it_before_anything_starts(tmp_path, override, problem):
+    from experiments.train import ConfigError
+    from tests.conftest import make_config
+
+    with pytest.raises(ConfigError, match=problem):
+        make_config(tmp_path, "data.num_speakers=6", "data.utterances_per_emotion=2",
+                    "partition.num_test_speakers=2", "privacy=distributed", override)
