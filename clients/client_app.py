@@ -229,10 +229,11 @@ def make_client(cfg: DictConfig, context, simulated: bool = True):
             if shares:
                 return distributed_round(cfg, context, setup, ledger, data, norm, classifier, dp, budget, run,
                                          server_round)
+            planned = planned_entries(len(data.x), tcfg, dp.noise_multiplier)
             with ledger.open() as book:
-                metrics = spend_round(
-                    book, data, norm, budget, dp.delta, dp.accountant, planned_entries(len(data.x), tcfg, dp),
-                    lambda x: train_local(classifier, x, data.y, tcfg, dp=dp)["spent"], run, server_round)
+                metrics = spend_round(book, data, norm, budget, dp.delta, dp.accountant, planned,
+                                      lambda x: train_local(classifier, x, data.y, tcfg, dp=dp)["spent"], run,
+                                      server_round)
             if metrics["declined"]:
                 return parameters, weight, metrics
             return get_arrays(classifier), weight, metrics
@@ -274,22 +275,13 @@ def distributed_round(cfg: DictConfig, context, setup: DeviceSetup, ledger, data
     sum on SecAgg+'s grid, its spend recorded first. A device that declines (budget spent) still sends a share of
     pure noise, which depends on no data and costs nothing, so the sum keeps the noise it was calibrated for."""
     from fl_ser.flower_compat import secagg_round_settings
-    from fl_ser.privacy.budget import expected_batch
-    from fl_ser.privacy.distributed import (
-        DistributedDPGD,
-        SecAggGrid,
-        contributors_bound,
-        device_share,
-        noise_share,
-    )
+    from fl_ser.privacy.budget import distributed_settings
+    from fl_ser.privacy.distributed import SecAggGrid, device_share, noise_share
     from fl_ser.privacy.ledger import spend_round
 
     clipping_range, quantization_range, threshold = secagg_round_settings(context)
     grid = SecAggGrid(clipping_range, quantization_range)
-    cohort = experiment_cohort(cfg, setup)
-    batch = expected_batch(cfg, cohort)
-    k = contributors_bound(cfg.privacy.distributed.get("min_contributors"), threshold, cohort)
-    settings = DistributedDPGD(dp.noise_multiplier, dp.max_grad_norm, batch, k)
+    settings = distributed_settings(cfg, threshold, experiment_cohort(cfg, setup))
     share: list = []
 
     def train(x):
@@ -300,9 +292,7 @@ def distributed_round(cfg: DictConfig, context, setup: DeviceSetup, ledger, data
         metrics = spend_round(book, data, norm, budget, dp.delta, dp.accountant, settings.round_entries(), train,
                               run, server_round, local=settings.local_round_entries())
     if metrics["declined"]:
-        from fl_ser.task import get_arrays
-
-        share = noise_share([a.shape for a in get_arrays(classifier)], settings, grid)
+        share = noise_share([tuple(p.shape) for p in classifier.parameters()], settings, grid)
     return share, 1, metrics
 
 

@@ -62,7 +62,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.train import RESUMABLE, ConfigError, RunFailed
+from experiments.train import RESUMABLE, ConfigError, RunFailed, override_key
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 FRONTIER_CONFIG = "frontier"
@@ -124,10 +124,6 @@ def as_list(value) -> list:
 
 def point_name(mode: str, target_epsilon: float | None) -> str:
     return NON_PRIVATE if target_epsilon is None else f"{mode}_eps{target_epsilon:g}"
-
-
-def override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def user_overrides(task_overrides: list[str]) -> list[str]:

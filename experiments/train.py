@@ -91,6 +91,11 @@ RESUMABLE = ("verbose", "federation.num_cpus", "federation.client_cpus", "federa
              "federation.superlink", "federation.root_certificates", "federation.max_empty_rounds")
 
 
+def override_key(override: str) -> str:
+    """The config key a command-line override sets (``+key=v``, ``~key`` and ``key=v`` alike)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def resumed(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """The config of the run in ``cfg.resume``, checked again, with the operational ``overrides`` applied; any
     other override is refused, as is a run dir that holds no run or a finished one."""
@@ -105,7 +110,7 @@ def resumed(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     if summary.is_file() and json.loads(summary.read_text()).get("status", "completed") == "completed":
         raise ConfigError(f"resume={cfg.resume}: that run completed (see {summary}); nothing to resume. Start a new "
                           "run in a new dir for more rounds.")
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    keys = [override_key(o) for o in overrides]
     refused = [k for k in keys if k not in RESUMABLE and k != "resume" and not k.startswith("hydra.")]
     if refused:
         raise ConfigError(f"resume continues the run exactly as {stored_path} describes; overriding "
@@ -129,6 +134,7 @@ def check_privacy(cfg: DictConfig, corpus, split) -> None:
     least one round, normaliser release included, and the normalisation must keep the stated guarantee."""
     from fl_ser.privacy import normalization
     from fl_ser.privacy.accountant import PrivacyBudgetError, check_delta, epsilon
+    from fl_ser.privacy.budget import distributed, planned_spend
     from fl_ser.training import LocalTrainConfig
     from server.server_app import clients_per_round
 
@@ -136,8 +142,6 @@ def check_privacy(cfg: DictConfig, corpus, split) -> None:
     m = clients_per_round(cfg, len(split.train))
     warn_speaker_statistics(cfg, corpus, split)
     user_noise = priv.user_level.noise_multiplier > 0 or priv.user_level.get("target_epsilon") is not None
-    from fl_ser.privacy.budget import distributed
-
     if user_noise and distributed(cfg):
         raise PrivacyBudgetError("privacy=distributed sends each device's noisy gradient sum, not a model update, so "
                                  "there is no update to add user-level noise to: use privacy=full for user-level DP")
@@ -152,7 +156,6 @@ def check_privacy(cfg: DictConfig, corpus, split) -> None:
     if not priv.dp_sgd.enabled:
         return
     from clients.client_app import dp_config
-    from fl_ser.privacy.budget import placement, planned_spend
 
     smallest = min(split.train, key=lambda s: len(corpus.utterances_of(s)))
     n = len(corpus.utterances_of(smallest))
@@ -160,8 +163,8 @@ def check_privacy(cfg: DictConfig, corpus, split) -> None:
     if priv.dp_sgd.get("target_epsilon") is not None:
         log.info("target epsilon %s over %s rounds: noise multiplier %.4f (device %s, %d utterances)",
                  priv.dp_sgd.target_epsilon, cfg.rounds, dp.noise_multiplier, smallest, n)
-    if placement(cfg) == "distributed":
-        check_distributed(cfg, m, dp)
+    if distributed(cfg):
+        check_distributed(cfg, m)
     train = LocalTrainConfig(**OmegaConf.to_container(cfg.train))
     check_delta(dp.delta, n, f"device {smallest} ({n} utterances)")
     first = epsilon(planned_spend(cfg, n, dp.noise_multiplier, rounds=1), dp.delta, dp.accountant)
@@ -194,28 +197,25 @@ def warn_speaker_statistics(cfg: DictConfig, corpus, split) -> None:
                     "federations).", median, len(corpus.emotions))
 
 
-def check_distributed(cfg: DictConfig, cohort: int, dp) -> None:
-    """Distributed DP needs SecAgg+ on a power-of-two grid fine enough for its noise shares, and no second
-    mechanism on the shares (update clipping, user-level noise)."""
+def check_distributed(cfg: DictConfig, cohort: int) -> None:
+    """Distributed DP needs SecAgg+ on a power-of-two grid fine enough for its noise shares, and no update
+    clipping on the shares (user-level noise is refused earlier, in :func:`check_privacy`)."""
     from fl_ser.privacy.accountant import PrivacyBudgetError
-    from fl_ser.privacy.budget import expected_batch
-    from fl_ser.privacy.distributed import DistributedDPGD, SecAggGrid
+    from fl_ser.privacy.budget import distributed_settings
+    from fl_ser.privacy.distributed import SecAggGrid
     from fl_ser.privacy.noise import MIN_STEPS_PER_STD
     from fl_ser.task import new_classifier
     from server.secagg import secagg_workflow
 
-    priv = cfg.privacy
     if cfg.aggregation.name != "secagg_plus":
         raise PrivacyBudgetError("privacy.dp_sgd.placement=distributed adds only a share of the noise on each device: "
                                  "it needs aggregation=secagg_plus, so that the server sees nothing but the sum")
-    if priv.update_clipping.enabled or priv.user_level.noise_multiplier > 0:
+    if cfg.privacy.update_clipping.enabled:
         raise PrivacyBudgetError("privacy.dp_sgd.placement=distributed sends each device's noisy gradient sum, not "
-                                 "a model update: set privacy.update_clipping.enabled=false and no user-level noise "
-                                 "(privacy=distributed does)")
+                                 "a model update: set privacy.update_clipping.enabled=false (privacy=distributed does)")
     secagg = secagg_workflow(cfg, cohort)
     grid = SecAggGrid(float(cfg.aggregation.clipping_range), int(secagg.quantization_range))
-    least = secagg.min_contributors or int(secagg.reconstruction_threshold)
-    settings = DistributedDPGD(dp.noise_multiplier, dp.max_grad_norm, expected_batch(cfg, cohort), least)
+    settings = distributed_settings(cfg, int(secagg.reconstruction_threshold), cohort)
     params = sum(p.numel() for p in new_classifier(cfg, len(cfg.labels)).parameters())
     std = settings.share_std(params, grid.step)
     if std < MIN_STEPS_PER_STD * grid.step:

@@ -371,7 +371,7 @@ def check_quantisation_range(reply: Message, ctxt) -> None:
     weight = fitres.num_examples
     arrays = parameters_to_ndarrays(fitres.parameters)
     if weight == max_weight and on_quantisation_grid(arrays, clipping_range, int(setup["target_range"])):
-        return  # grid values inside the range (a distributed DP share) pass the quantiser exactly
+        return  # values on the grid inside the range (a distributed DP share) pass the quantiser exactly
     peak = max((float(np.abs(a).max()) for a in arrays if a.size), default=0.0) * weight / max_weight
     if peak > 0.9 * clipping_range or weight > max_weight:
         raise QuantisationRangeError(
@@ -381,18 +381,11 @@ def check_quantisation_range(reply: Message, ctxt) -> None:
 
 
 def on_quantisation_grid(arrays, clipping_range: float, target_range: int) -> bool:
-    """Every value an exact multiple of the quantiser's step ``2 clipping_range / target_range`` in
-    ``[-clipping_range, clipping_range)``: then Flower's ``quantize`` neither clips nor rounds it (with powers of
-    two, its arithmetic is exact)."""
-    import numpy as np
+    """Every value on the quantiser's grid inside the range, where its arithmetic is exact
+    (:meth:`fl_ser.privacy.distributed.SecAggGrid.holds`): Flower's ``quantize`` then neither clips nor rounds."""
+    from fl_ser.privacy.distributed import SecAggGrid
 
-    step = 2 * clipping_range / target_range
-    for a in arrays:
-        a = np.asarray(a, dtype=np.float64)
-        if a.size and not (np.array_equal(a / step, np.round(a / step)) and a.min() >= -clipping_range
-                           and a.max() < clipping_range):
-            return False
-    return True
+    return SecAggGrid.is_exact(clipping_range, target_range) and SecAggGrid(clipping_range, target_range).holds(arrays)
 
 
 def secagg_round_settings(ctxt) -> tuple[float, int, int]:

@@ -78,9 +78,9 @@ def sample_rate(num_examples: int, cfg: LocalTrainConfig) -> float:
     return batch_size(num_examples, cfg) / num_examples
 
 
-def planned_entries(num_examples: int, cfg: LocalTrainConfig, dp: DPSGDConfig) -> list[Entry]:
+def planned_entries(num_examples: int, cfg: LocalTrainConfig, noise_multiplier: float) -> list[Entry]:
     """The accountant entries one round of DP-SGD on ``num_examples`` utterances will spend."""
-    return [(dp.noise_multiplier, sample_rate(num_examples, cfg), steps_per_round(num_examples, cfg))]
+    return [(float(noise_multiplier), sample_rate(num_examples, cfg), steps_per_round(num_examples, cfg))]
 
 
 def train_local(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: LocalTrainConfig,

@@ -3,8 +3,8 @@
 Under ``privacy=distributed`` every device's SecAgg+ input is its noisy,
 clipped gradient sum (scaled by the public ``1 / B``) as integers modulo
 SecAgg+'s quantisation range. The server learns only their sum:
-:class:`DistributedDPGD` decodes it (:meth:`SecAggGrid.decode`), takes the
-DP-GD step ``w - lr * sum`` from the round's global model, and hands the result
+:class:`DistributedStep` decodes it (:meth:`SecAggGrid.decode`), takes the
+DP-GD step ``w - step_size * sum`` from the round's global model, and hands the result
 to the inner strategy as the round's one aggregate, so FedAvg keeps it as is
 and FedAdam or FedAvgM treat the step as their pseudo-gradient: post-processing
 of the DP release either way.
@@ -26,29 +26,28 @@ import numpy as np
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import Strategy
 
-from fl_ser.privacy.distributed import SecAggGrid
+from fl_ser.privacy.distributed import DistributedDPGD, SecAggGrid
 from server.wrapped_strategy import WrappedStrategy
 
 log = logging.getLogger("fl_ser.server")
 
 
-class DistributedDPGD(WrappedStrategy):
+class DistributedStep(WrappedStrategy):
     """Wrap a strategy: turn SecAgg+'s sum of distributed DP shares into a DP-GD step, then delegate."""
 
-    def __init__(self, strategy: Strategy, grid: SecAggGrid, lr: float, noise_multiplier: float, contributors: int):
+    def __init__(self, strategy: Strategy, grid: SecAggGrid, step_size: float, settings: DistributedDPGD):
         super().__init__(strategy)
-        if not lr > 0:
-            raise ValueError(f"privacy.distributed.step_size (the DP-GD step) must be positive, got {lr}")
+        if not step_size > 0:
+            raise ValueError(f"privacy.distributed.step_size (the DP-GD step) must be positive, got {step_size}")
         self.grid = grid
-        self.lr = float(lr)
-        self.noise_multiplier = float(noise_multiplier)
-        self.contributors = int(contributors)
+        self.step_size = float(step_size)
+        self.settings = settings
         self.current: list[np.ndarray] = []
         self.last_round: dict = {}
 
     def __repr__(self) -> str:
-        return (f"DistributedDPGD({self.strategy!r}, lr={self.lr}, z={self.noise_multiplier:.4g}, "
-                f"k={self.contributors}, grid={self.grid.step:g})")
+        return (f"DistributedStep({self.strategy!r}, step={self.step_size}, z={self.settings.noise_multiplier:.4g}, "
+                f"k={self.settings.min_contributors}, grid={self.grid.step:g})")
 
     def configure_fit(self, server_round, parameters, client_manager):
         self.current = parameters_to_ndarrays(parameters)
@@ -57,17 +56,16 @@ class DistributedDPGD(WrappedStrategy):
     def aggregate_fit(self, server_round, results, failures):
         if not results:
             return None, {}
-        n = len(results)
-        if n < self.contributors:  # SecAgg+ halts such a round before unmasking; never use one that claims to be
+        n, k = len(results), self.settings.min_contributors
+        if n < k:  # SecAgg+ halts such a round before unmasking; never use one that claims to be
             log.error("round %s: %d distributed shares, fewer than the %d each was calibrated to: discarded",
-                      server_round, n, self.contributors)
+                      server_round, n, k)
             return None, {}
         # Under SecAgg+ every result holds the same dequantised mean of the n encoded shares.
         total = self.grid.decode(parameters_to_ndarrays(results[0][1].parameters), n)
-        stepped = [(w.astype(np.float64) - self.lr * g).astype(w.dtype)
+        stepped = [(w.astype(np.float64) - self.step_size * g).astype(w.dtype)
                    for w, g in zip(self.current, total, strict=True)]
-        self.last_round = {"contributors": n,
-                           "noise_multiplier": self.noise_multiplier * math.sqrt(n / self.contributors)}
+        self.last_round = {"contributors": n, "noise_multiplier": self.settings.noise_multiplier * math.sqrt(n / k)}
         proposal = ndarrays_to_parameters(stepped)
         for _, r in results:
             r.parameters = proposal

@@ -10,7 +10,6 @@ flwr 1.42: ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` over a
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -50,7 +49,7 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
     from fl_ser.data.partition import split_from_config
     from fl_ser.flower_compat import ResumableWorkflow, csprng_client_manager
     from fl_ser.privacy.accountant import user_level_epsilon
-    from fl_ser.privacy.budget import distributed, sample_level_noise, user_level_noise
+    from fl_ser.privacy.budget import distributed, distributed_settings, user_level_noise
     from fl_ser.task import get_arrays, new_classifier
     from server import checkpoint, pretrain
     from server.evaluation import HeldOutEvaluator
@@ -105,14 +104,13 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
     )
     if cfg.privacy.update_clipping.enabled:
         strategy = UserLevelDP(strategy, float(cfg.privacy.update_clipping.clipping_norm), z_user, str(user.placement))
-    if distributed(cfg):
+    shares = distributed_settings(cfg, int(secagg.reconstruction_threshold), m) if distributed(cfg) else None
+    if shares is not None:
         from fl_ser.privacy.distributed import SecAggGrid
-        from server.distributed_dp import DistributedDPGD
+        from server.distributed_dp import DistributedStep
 
         lattice = SecAggGrid(float(cfg.aggregation.clipping_range), int(secagg.quantization_range))
-        least = secagg.min_contributors or int(secagg.reconstruction_threshold)
-        strategy = DistributedDPGD(strategy, lattice, float(cfg.privacy.distributed.step_size),
-                                   sample_level_noise(cfg, 1), least)
+        strategy = DistributedStep(strategy, lattice, float(cfg.privacy.distributed.step_size), shares)
     strategy = reply_check = ReplyCheck(strategy)  # outermost: a malformed reply never reaches the aggregate
     if resumed:
         checkpoint.restore_optimiser(strategy, resumed.optimiser)
@@ -154,14 +152,11 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
         "strategy": str(cfg.strategy._target_).rsplit(".", 1)[-1],
     }
     summary["pretrained"] = pretrained[1] if pretrained else (pretrain.resumed_record(cfg) if resumed else None)
-    if distributed(cfg):  # the guarantee against the aggregator and what one device's share carries
-        from fl_ser.privacy.budget import expected_batch
-
-        k = strategy.strategy.contributors
-        z = sample_level_noise(cfg, 1)
-        summary["distributed_dp"] = {"noise_multiplier": z, "min_contributors": k,
-                                     "share_noise_multiplier": z / math.sqrt(k),
-                                     "expected_batch": expected_batch(cfg, m), "sampling_rate": 1.0}
+    if shares is not None:  # the guarantee against the aggregator and what one device's share carries
+        ((z, rate, _),) = shares.round_entries()
+        summary["distributed_dp"] = {"noise_multiplier": z, "min_contributors": shares.min_contributors,
+                                     "share_noise_multiplier": shares.local_noise_multiplier,
+                                     "expected_batch": shares.expected_batch, "sampling_rate": rate}
     if summary["status"] != "completed":  # nothing trained is released: the devices keep what they have
         if not stopped:
             log.error("no round aggregated any update: no release is made (README 'When things go wrong')")

@@ -22,8 +22,10 @@ LOCAL_STACK = ("privacy=full", "model=mlp", "rounds=20")
 
 def local_stack(overrides) -> list[str]:
     """:data:`LOCAL_STACK`'s settings that ``overrides`` do not choose themselves."""
-    chosen = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    return [o for o in LOCAL_STACK if o.split("=", 1)[0] not in chosen]
+    from experiments.train import override_key
+
+    chosen = {override_key(o) for o in overrides}
+    return [o for o in LOCAL_STACK if override_key(o) not in chosen]
 
 
 def make_config(tmp_path: Path, *overrides: str) -> DictConfig:

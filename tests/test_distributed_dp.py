@@ -209,3 +209,16 @@ def test_distributed_dp_refuses_what_would_break_it_before_anything_starts(tmp_p
     with pytest.raises(ConfigError, match=problem):
         make_config(tmp_path, "data.num_speakers=6", "data.utterances_per_emotion=2",
                     "partition.num_test_speakers=2", "privacy=distributed", override)
+
+
+def test_a_plan_is_calibrated_once_per_process_not_every_round(tmp_path):
+    """A device asks for its noise every round; a Poisson-batch bisection takes about a second."""
+    from fl_ser.privacy import budget
+    from tests.conftest import make_config
+
+    cfg = make_config(tmp_path, "data.num_speakers=6", "data.utterances_per_emotion=2",
+                      "partition.num_test_speakers=2", "privacy.dp_sgd.target_epsilon=7", "train.batch_size=5")
+    first = budget.sample_level_noise(cfg, 14)
+    hits = budget._calibrated.cache_info().hits
+    assert budget.sample_level_noise(cfg, 14) == first and budget._calibrated.cache_info().hits == hits + 1
+    assert budget.sample_level_noise(cfg, 30) != first  # another data size is another plan

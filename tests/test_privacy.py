@@ -34,7 +34,7 @@ def test_training_reports_exactly_the_planned_spend():
     x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
     dp = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, epsilon_budget=100)
     cfg = LocalTrainConfig(epochs=2, batch_size=10, lr=0.1)
-    planned = planned_entries(40, cfg, dp)
+    planned = planned_entries(40, cfg, dp.noise_multiplier)
     result = train_local(torch.nn.Linear(5, 3), x, y, cfg, dp=dp)
     assert result["steps"] == 8 and merged(result["spent"]) == merged(planned)  # the budget check is exact
     again = train_local(torch.nn.Linear(5, 3), x, y, cfg, dp=dp)  # a fresh module each round (Opacus wraps once)

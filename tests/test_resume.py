@@ -225,7 +225,7 @@ def test_sigkill_after_round_k_then_resume_loses_nothing_and_counts_nothing_twic
         assert len(trained) == n + in_flight[path.name]  # the round in flight counts as spent
         size = len(json.loads(path.read_text())["cohorts"][trained[0]["cohort"]])
         dp = dp_config(cfg, size)
-        spend = epsilon(planned_entries(size, train, dp) * len(trained), dp.delta, dp.accountant)
+        spend = epsilon(planned_entries(size, train, dp.noise_multiplier) * len(trained), dp.delta, dp.accountant)
         with LifetimeLedger(path.parent, path.stem).open() as book:
             ids = book.cohorts[trained[0]["cohort"]]
             lifetime = book.epsilon(ids, dp.delta, dp.accountant)

@@ -13,16 +13,22 @@ it is asked to add against its own policy.
 The plan assumes a device trains in every round (``rounds``), so with client
 sampling (``clients_per_round`` < devices) it meets the target with room to
 spare; the device's lifetime budget (``epsilon_budget``) is enforced on top.
+A calibration is a bisection on the accountant (about a second for Poisson
+batches), so its result is kept per plan: a device asks for it every round.
+:func:`distributed_settings` builds the distributed mode's settings the same
+way for the device, the server and the start-up check.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 if TYPE_CHECKING:  # the accountant imports Opacus (and torch): SecAgg+'s light stages read this module without it
     from fl_ser.privacy.accountant import Entry
+    from fl_ser.privacy.distributed import DistributedDPGD
 
 PLACEMENTS = ("local", "distributed")
 
@@ -58,13 +64,13 @@ def normaliser_release(cfg: DictConfig) -> list[Entry]:
 
 def round_spend(cfg: DictConfig, num_examples: int, noise_multiplier: float) -> list[Entry]:
     """What one round spends on a device holding ``num_examples`` utterances (against the aggregator, for
-    distributed DP: one full-batch DP-GD step)."""
-    from fl_ser.training import LocalTrainConfig, sample_rate, steps_per_round
+    distributed DP: one full-batch DP-GD step; otherwise :func:`fl_ser.training.planned_entries`)."""
+    from fl_ser.training import LocalTrainConfig, planned_entries
 
     if placement(cfg) == "distributed":
-        return [(noise_multiplier, 1.0, 1)]
-    train = LocalTrainConfig(**_train_settings(cfg))
-    return [(noise_multiplier, sample_rate(num_examples, train), steps_per_round(num_examples, train))]
+        return [(float(noise_multiplier), 1.0, 1)]
+    train = LocalTrainConfig(**OmegaConf.to_container(cfg.train, resolve=True))
+    return planned_entries(num_examples, train, noise_multiplier)
 
 
 def planned_spend(cfg: DictConfig, num_examples: int, noise_multiplier: float, rounds: int | None = None
@@ -78,28 +84,34 @@ def planned_spend(cfg: DictConfig, num_examples: int, noise_multiplier: float, r
 def sample_level_noise(cfg: DictConfig, num_examples: int) -> float:
     """DP-SGD's noise multiplier on a device holding ``num_examples`` utterances: ``noise_multiplier``, or the one
     that meets ``target_epsilon`` over the planned rounds (raises PrivacyBudgetError if none can)."""
-    from fl_ser.privacy.accountant import calibrated_noise
-
     dp = cfg.privacy.dp_sgd
     target = dp.get("target_epsilon")
     if target is None:
         return float(dp.noise_multiplier)
-    return calibrated_noise(float(target), float(dp.delta), lambda z: planned_spend(cfg, num_examples, z),
-                            str(dp.accountant), who="privacy.dp_sgd.target_epsilon")
+    ((_, rate, steps),) = round_spend(cfg, num_examples, 1.0)  # the plan, apart from the noise multiplier
+    return _calibrated(float(target), float(dp.delta), str(dp.accountant), tuple(normaliser_release(cfg)),
+                       rate, steps * int(cfg.rounds), "privacy.dp_sgd.target_epsilon")
 
 
 def user_level_noise(cfg: DictConfig, sample_rate: float) -> float:
     """The server's user-level noise multiplier: ``noise_multiplier``, or the one that meets ``target_epsilon``
     over the planned rounds at the device sampling rate ``sample_rate`` (m / N)."""
-    from fl_ser.privacy.accountant import calibrated_noise
-
     user = cfg.privacy.user_level
     target = user.get("target_epsilon")
     if target is None:
         return float(user.noise_multiplier)
-    rounds = int(cfg.rounds)
-    return calibrated_noise(float(target), float(user.delta), lambda z: [(z, float(sample_rate), rounds)],
-                            str(user.accountant), who="privacy.user_level.target_epsilon")
+    return _calibrated(float(target), float(user.delta), str(user.accountant), (), float(sample_rate),
+                       int(cfg.rounds), "privacy.user_level.target_epsilon")
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrated(target: float, delta: float, accountant: str, fixed: tuple, rate: float, steps: int,
+                who: str) -> float:
+    """The noise multiplier of ``(z, rate, steps)`` after the ``fixed`` entries that meets ``target``: one
+    bisection per plan and process (a simulation worker serves many devices, each asking every round)."""
+    from fl_ser.privacy.accountant import calibrated_noise
+
+    return calibrated_noise(target, delta, lambda z: [*fixed, (z, rate, steps)], accountant, who=who)
 
 
 def expected_batch(cfg: DictConfig, cohort: int | None) -> float:
@@ -114,7 +126,11 @@ def expected_batch(cfg: DictConfig, cohort: int | None) -> float:
     return float(dist.utterances_per_device) * int(cohort)
 
 
-def _train_settings(cfg: DictConfig) -> dict:
-    from omegaconf import OmegaConf
+def distributed_settings(cfg: DictConfig, threshold: int, cohort: int | None) -> DistributedDPGD:
+    """The experiment's distributed DP-GD (:class:`fl_ser.privacy.distributed.DistributedDPGD`) in a round of
+    ``cohort`` devices whose SecAgg+ reconstruction threshold is ``threshold``: the same on every side."""
+    from fl_ser.privacy.distributed import DistributedDPGD, contributors_bound
 
-    return OmegaConf.to_container(cfg.train, resolve=True)
+    return DistributedDPGD(sample_level_noise(cfg, 1), float(cfg.privacy.dp_sgd.max_grad_norm),
+                           expected_batch(cfg, cohort),
+                           contributors_bound(cfg.privacy.distributed.get("min_contributors"), threshold, cohort))

@@ -70,10 +70,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fl_ser.privacy.accountant import Entry, PrivacyBudgetError
+if TYPE_CHECKING:
+    from fl_ser.privacy.accountant import Entry
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,16 @@ class SecAggGrid:
     clipping_range: float
     quantization_range: int  # T
 
+    @staticmethod
+    def is_exact(clipping_range: float, quantization_range: int) -> bool:
+        """Both powers of two: then Flower's quantiser maps every grid value to its integer exactly."""
+        t = int(quantization_range)
+        return clipping_range > 0 and math.frexp(float(clipping_range))[0] == 0.5 and t >= 2 and not t & (t - 1)
+
     def __post_init__(self):
-        mantissa = math.frexp(float(self.clipping_range))[0]
-        t = int(self.quantization_range)
-        if not (self.clipping_range > 0 and mantissa == 0.5) or t < 2 or t & (t - 1):
+        if not self.is_exact(self.clipping_range, self.quantization_range):
+            from fl_ser.privacy.accountant import PrivacyBudgetError
+
             raise PrivacyBudgetError(
                 f"distributed DP needs SecAgg+'s clipping_range and quantization_range to be powers of two (got "
                 f"{self.clipping_range} and {self.quantization_range}): only then do the noisy integers pass "
@@ -97,13 +105,24 @@ class SecAggGrid:
         """The grid ``g``: one integer step of SecAgg+'s quantiser."""
         return 2 * float(self.clipping_range) / int(self.quantization_range)
 
+    def on_grid(self, values: np.ndarray) -> bool:
+        """Every value an exact multiple of :attr:`step`."""
+        k = np.asarray(values, dtype=np.float64) / self.step
+        return bool(np.array_equal(k, np.round(k)))
+
+    def holds(self, arrays) -> bool:
+        """Every value on the grid inside ``[-clipping_range, clipping_range)``: an encoded share, which Flower's
+        ``quantize`` neither clips nor rounds."""
+        cr = float(self.clipping_range)
+        return all(self.on_grid(a) and np.min(a) >= -cr and np.max(a) < cr for a in map(np.asarray, arrays) if a.size)
+
     def encode(self, values: list[np.ndarray]) -> list[np.ndarray]:
         """Grid values (exact multiples of :attr:`step`) as SecAgg+ inputs: their integers modulo T, written as
         ``step * K - clipping_range`` with ``K`` in ``[0, T)``, which Flower's quantiser turns back into ``K``."""
         out = []
         for v in values:
             k = np.asarray(v, dtype=np.float64) / self.step
-            if not np.array_equal(k, np.round(k)):
+            if not self.on_grid(v):
                 raise ValueError("distributed share is not on SecAgg+'s grid; it must come from add_gaussian(step=)")
             residue = np.mod(k.astype(np.int64), int(self.quantization_range))
             out.append(residue.astype(np.float64) * self.step - float(self.clipping_range))
@@ -151,6 +170,8 @@ class DistributedDPGD:
     min_contributors: int  # k
 
     def __post_init__(self):
+        from fl_ser.privacy.accountant import PrivacyBudgetError
+
         if not self.noise_multiplier > 0:
             raise PrivacyBudgetError(f"distributed DP needs a positive noise multiplier, got {self.noise_multiplier}")
         if not self.max_grad_norm > 0 or not self.expected_batch > 0:
