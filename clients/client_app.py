@@ -15,7 +15,8 @@ utterances past its lifetime budget. Around that, in privacy order:
 2. the device's policy guard (:mod:`fl_ser.privacy.policy`): a request weaker
    than the device's own policy is refused before anything is computed;
 3. SecAgg+ (:func:`fl_ser.flower_compat.secaggplus_mod`): quantises and masks the final update, refusing
-   one that does not fit its quantisation range;
+   one that does not fit its quantisation range; or, with ``aggregation=ckks``, :mod:`clients.ckks_mod`:
+   encrypts it under the federation's CKKS key (and decrypts only a round's sum);
 4. the update mod: clips the update and adds the device's user-level noise
    share, with the settings the guard approved.
 
@@ -62,6 +63,7 @@ from fl_ser.protocol import (
     RELEASE_CONFIG_HASH,
     RELEASE_REPORT,
     RELEASE_ROUND,
+    SECURE_AGGREGATIONS,
 )
 from fl_ser.run_config import decode, encode, experiment_from_run_config
 
@@ -274,12 +276,18 @@ def distributed_round(cfg: DictConfig, context, setup: DeviceSetup, ledger, data
     """One round of distributed DP-GD (:mod:`fl_ser.privacy.distributed`): the device's noisy, clipped gradient
     sum on SecAgg+'s grid, its spend recorded first. A device that declines (budget spent) still sends a share of
     pure noise, which depends on no data and costs nothing, so the sum keeps the noise it was calibrated for."""
-    from fl_ser.flower_compat import secagg_round_settings
     from fl_ser.privacy.budget import distributed_settings
     from fl_ser.privacy.distributed import SecAggGrid, device_share, noise_share
     from fl_ser.privacy.ledger import spend_round
 
-    clipping_range, quantization_range, threshold = secagg_round_settings(context)
+    if cfg.aggregation.name == "ckks":  # the grid from the device's own config; SecAgg+'s from its setup stage
+        from clients.ckks_mod import grid_settings
+
+        clipping_range, quantization_range, threshold = grid_settings(cfg)
+    else:
+        from fl_ser.flower_compat import secagg_round_settings
+
+        clipping_range, quantization_range, threshold = secagg_round_settings(context)
     grid = SecAggGrid(clipping_range, quantization_range)
     settings = distributed_settings(cfg, threshold, experiment_cohort(cfg, setup))
     share: list = []
@@ -335,8 +343,9 @@ def update_report(setup: DeviceSetup, metrics: dict) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def privacy_mods(cfg: DictConfig, setup: DeviceSetup) -> list:
-    """The mods inside the boundary, in privacy order: policy guard, SecAgg+, update clipping and noise share."""
+def privacy_mods(cfg: DictConfig, setup: DeviceSetup, simulated: bool) -> list:
+    """The mods inside the boundary, in privacy order: policy guard, SecAgg+ or CKKS, update clipping and noise
+    share."""
     from fl_ser.privacy.policy import make_policy_mods
 
     guard_mod, update_mod = make_policy_mods(lambda ctxt: (policy_of(cfg, setup, ctxt.node_config), cfg))
@@ -345,6 +354,11 @@ def privacy_mods(cfg: DictConfig, setup: DeviceSetup) -> list:
         from fl_ser.flower_compat import secaggplus_mod
 
         mods.append(secaggplus_mod)
+    if cfg.aggregation.name == "ckks":
+        from clients.ckks_mod import device_key, make_ckks_mod
+
+        mods.append(make_ckks_mod(lambda ctxt: device_key(cfg, ctxt.node_config, setup.device_dir, simulated),
+                                  lambda ctxt: (cfg, experiment_cohort(cfg, setup))))
     mods.append(update_mod)
     return mods
 
@@ -377,14 +391,14 @@ def build_client_app(cfg: DictConfig | None = None):
 
         def handle():
             exp, setup = resolve(context)
-            return make_ffn(call_next, privacy_mods(exp, setup))(msg, context)
+            return make_ffn(call_next, privacy_mods(exp, setup, simulated))(msg, context)
 
         def setting(read):
             return lambda: read(resolve(context)[0])
 
         with local_log(log_path):
             return guard(msg, context, handle,
-                         secure_aggregation=setting(lambda c: c.aggregation.name == "secagg_plus"),
+                         secure_aggregation=setting(lambda c: c.aggregation.name in SECURE_AGGREGATIONS),
                          uniform_weight=setting(uniform_weights),
                          audit_dir=setting(lambda c: c.privacy.get("audit_dir")))
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fl_ser.protocol import CKKS_CIPHERTEXTS, CKKS_RECORD, CKKS_STAGE
 from fl_ser.round_report import STAGES, UPDATE_STAGES
 
 log = logging.getLogger("fl_ser.device")
@@ -106,7 +107,8 @@ class FaultPlan:
 
 
 def stage_of(msg) -> str | None:
-    """The message's stage: a SecAgg+ stage, ``fit``, ``release``, or None (nothing faults target)."""
+    """The message's stage: a SecAgg+ stage, ``fit``, CKKS's ``decrypt``, ``release``, or None (nothing faults
+    target)."""
     from flwr.app.message_type import MessageType
 
     from fl_ser.protocol import RELEASE_ARTIFACT
@@ -114,6 +116,8 @@ def stage_of(msg) -> str | None:
     kind = msg.metadata.message_type
     if kind == MessageType.TRAIN:
         configs = msg.content.config_records.get(SECAGG)
+        if configs is None and CKKS_RECORD in msg.content.config_records:  # aggregation=ckks: fit or decrypt
+            return str(msg.content.config_records[CKKS_RECORD].get(CKKS_STAGE))
         return "fit" if configs is None else str(configs.get("stage"))
     if kind == MessageType.EVALUATE and RELEASE_ARTIFACT in msg.content.config_records.get("evaluateins.config", {}):
         return "release"
@@ -135,7 +139,8 @@ def corrupted(arrays: list[np.ndarray], kind: str) -> list[np.ndarray]:
 
 
 def corrupt_reply(reply, stage: str, kind: str) -> None:
-    """Malform the update a fit reply (``fit``) or a masked-vector reply (``collect_masked_vectors``) carries."""
+    """Malform the update a fit reply (``fit``; under CKKS its ciphertexts) or a masked-vector reply
+    (``collect_masked_vectors``) carries."""
     from flwr.common import bytes_to_ndarray, ndarray_to_bytes, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
 
@@ -143,6 +148,10 @@ def corrupt_reply(reply, stage: str, kind: str) -> None:
         configs = reply.content.config_records[SECAGG]
         configs[MASKED] = [ndarray_to_bytes(a) for a in corrupted([bytes_to_ndarray(b) for b in configs[MASKED]],
                                                                    kind)]
+        return
+    if CKKS_RECORD in reply.content.config_records:  # an encrypted update: its ciphertexts arrive damaged
+        configs = reply.content.config_records[CKKS_RECORD]
+        configs[CKKS_CIPHERTEXTS] = [b[:len(b) // 2] for b in configs[CKKS_CIPHERTEXTS]]
         return
     fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
     fitres.parameters = ndarrays_to_parameters(corrupted(parameters_to_ndarrays(fitres.parameters), kind))

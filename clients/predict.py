@@ -2,6 +2,7 @@
 
     python -m clients.predict --store STORE_DIR [--version N] FILE_OR_FOLDER [--json]
     python -m clients.predict --store STORE_DIR [--version N] --evaluate DATA_DIR [--json]
+    python -m clients.predict --store STORE_DIR --fhe URL FILE_OR_FOLDER [--evaluate] [--json]
 
 For each WAV file (a folder is searched recursively) it prints the top emotion and the
 probability of each class; ``--json`` prints a list of ``{file, top, probabilities: {label: p}}``.
@@ -10,29 +11,44 @@ With ``--evaluate``, DATA_DIR is a participant folder (WAV files plus ``labels.c
 recall per class and the confusion matrix; recordings of emotions the model does not know are
 left out. The model is the store's latest version unless ``--version`` names one.
 
+With ``--fhe URL`` the classifier runs on an inference server (``python -m server.inference_service``)
+that sees only ciphertexts: the device computes the features and normalisation itself, encrypts
+them under its own CKKS key (kept in ``STORE_DIR/fhe/``, mode 0600) and decrypts the scores
+(:mod:`clients.fhe_client`); the output is the same. The server must serve the release the store's
+version came from.
+
 Audio is read with :func:`~fl_ser.data.audio.read_audio` (mono, resampled to 16 kHz). A file
 it rejects is reported with the reason and skipped, and the exit status is then 1 (2 for a
-usage error). Nothing leaves the device.
+usage error). Nothing leaves the device (with ``--fhe``, only ciphertexts and public keys).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clients.cli import EXIT_FAILED, EXIT_OK, fail, table, to_json
+from clients.fhe_client import FHEClient, FHEError
 from clients.model_store import ModelStore, StoreError
 from fl_ser.data.audio import AudioError, read_audio
 from fl_ser.data.corpus import CorpusError
 from fl_ser.data.loaders import DeviceFolder, wav_files
 from fl_ser.metrics import classification_report
 
+#: The device's CKKS keys for encrypted inference, inside its model store.
+FHE_KEY_DIR = "fhe"
+
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+
+#: A waveform (16 kHz, mono, float) -> the probability of each class.
+Classify = Callable[["np.ndarray"], Sequence[float]]
 
 
 @dataclass(frozen=True)
@@ -49,15 +65,30 @@ class Failure:
     detail: str
 
 
+def local_classifier(model: torch.jit.ScriptModule, labels: Sequence[str]) -> Classify:
+    """The stored TorchScript model as a :data:`Classify`, checked to give one probability per label."""
+    import torch
+
+    def classify(wave: np.ndarray) -> list[float]:
+        with torch.no_grad():
+            probs = model(torch.from_numpy(wave)[None])
+        if tuple(probs.shape) != (1, len(labels)):
+            raise StoreError(
+                f"the model returned shape {tuple(probs.shape)} for one waveform, but its labels "
+                f"say (1, {len(labels)}); the stored version is broken, use another one"
+            )
+        return [float(p) for p in probs[0]]
+
+    return classify
+
+
 def predict_files(
-    model: torch.jit.ScriptModule, labels: Sequence[str], files: Sequence[Path], base: Path | None = None
+    classify: Classify, labels: Sequence[str], files: Sequence[Path], base: Path | None = None
 ) -> tuple[list[Prediction], list[Failure]]:
-    """Run the model on each file; files that cannot be read are returned as failures, not raised.
+    """Classify each file; files that cannot be read are returned as failures, not raised.
 
     Files are named by their path relative to ``base`` when given, else as passed.
     """
-    import torch
-
     predictions, failures = [], []
     for path in files:
         name = path.relative_to(base).as_posix() if base is not None else str(path)
@@ -66,15 +97,9 @@ def predict_files(
         except AudioError as err:
             failures.append(Failure(name, err.reason, err.detail))
             continue
-        with torch.no_grad():
-            probs = model(torch.from_numpy(wave)[None])
-        if tuple(probs.shape) != (1, len(labels)):
-            raise StoreError(
-                f"the model returned shape {tuple(probs.shape)} for one waveform, but its labels "
-                f"say (1, {len(labels)}); the stored version is broken, use another one"
-            )
-        values = [float(p) for p in probs[0]]
-        predictions.append(Prediction(name, labels[int(probs.argmax())], dict(zip(labels, values, strict=True))))
+        values = [float(p) for p in classify(wave)]
+        top = max(range(len(values)), key=values.__getitem__)
+        predictions.append(Prediction(name, labels[top], dict(zip(labels, values, strict=True))))
     return predictions, failures
 
 
@@ -114,12 +139,12 @@ class Evaluation:
         )
 
 
-def evaluate_folder(model: torch.jit.ScriptModule, labels: Sequence[str], folder: str | Path) -> Evaluation:
+def evaluate_folder(classify: Classify, labels: Sequence[str], folder: str | Path) -> Evaluation:
     """Score the model on a participant folder's labelled recordings (those of emotions in ``labels``)."""
     corpus = DeviceFolder(folder, emotions=list(labels))
     utterances = corpus.utterances_of(corpus.speaker)
     truth = {u.uid: corpus.label_of(u) for u in utterances}
-    predictions, failures = predict_files(model, labels, [Path(u.source) for u in utterances], base=corpus.root)
+    predictions, failures = predict_files(classify, labels, [Path(u.source) for u in utterances], base=corpus.root)
     y_true = [truth[p.file] for p in predictions]
     y_pred = [list(labels).index(p.top) for p in predictions]
     report = classification_report(y_true, y_pred, list(labels))
@@ -138,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("target", metavar="FILE_OR_FOLDER", help="a WAV file, or a folder of them")
     parser.add_argument("--evaluate", action="store_true", help="score the model on a participant folder's labels")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--fhe", metavar="URL", help="classify encrypted on this inference server "
+                        "(python -m server.inference_service); features and key stay on the device")
     args = parser.parse_args(argv)
     target = Path(args.target).expanduser()
     if not target.exists():
@@ -148,19 +175,30 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         parser.error(f"{target} holds no .wav files; give a WAV file or a folder of them")
     try:
-        model, labels, meta = ModelStore(args.store).load(args.version)
-        if args.evaluate:
-            evaluation = evaluate_folder(model, labels, target)
-            failures = evaluation.failures
-            output = to_json({"model": meta, **evaluation.to_dict()}) if args.json else evaluation.text()
-        else:
-            predictions, failures = predict_files(model, labels, files, target if target.is_dir() else None)
-            output = to_json([asdict(p) for p in predictions]) if args.json else _prediction_table(predictions, labels)
-    except StoreError as err:
+        store = ModelStore(args.store)
+        model, labels, meta = store.load(args.version)
+        with contextlib.ExitStack() as stack:
+            if args.fhe:
+                client = stack.enter_context(FHEClient(args.fhe, store.root / FHE_KEY_DIR))
+                client.check_release(labels, meta["sha256"])
+                classify = client.classifier(model)
+            else:
+                classify = local_classifier(model, labels)
+            if args.evaluate:
+                evaluation = evaluate_folder(classify, labels, target)
+                failures = evaluation.failures
+                output = to_json({"model": meta, **evaluation.to_dict()}) if args.json else evaluation.text()
+            else:
+                predictions, failures = predict_files(classify, labels, files, target if target.is_dir() else None)
+                output = to_json([asdict(p) for p in predictions]) if args.json else _prediction_table(predictions,
+                                                                                                        labels)
+    except (StoreError, FHEError) as err:
         return fail(err)
     except CorpusError as err:  # only a participant folder's labels.csv raises it
         return fail(err, folder=target)
     heading = f"model v{meta['version']:04d} (round {meta['round']}) from {args.store}"
+    if args.fhe:
+        heading += f", classified encrypted by {args.fhe}"
     if args.evaluate and "personalised_from" in meta:
         heading += (
             f"\nnote: this model was personalised on {meta['adaptation_size']} recordings, perhaps of this folder, "

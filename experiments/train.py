@@ -153,6 +153,10 @@ def check_privacy(cfg: DictConfig, corpus, split) -> None:
                                  "placement=distributed each device checks its share against a noise multiplier it "
                                  "knows, so give privacy.user_level.noise_multiplier instead")
     normalization.from_config(cfg)  # checks the mode; computes (and caches) the public reference once
+    if cfg.aggregation.name == "ckks":  # its parameters and how many updates a sum must hold, before anything runs
+        from server.secure_aggregation import fit_workflow
+
+        fit_workflow(cfg, m)
     if not priv.dp_sgd.enabled:
         return
     from clients.client_app import dp_config
@@ -198,24 +202,25 @@ def warn_speaker_statistics(cfg: DictConfig, corpus, split) -> None:
 
 
 def check_distributed(cfg: DictConfig, cohort: int) -> None:
-    """Distributed DP needs SecAgg+ on a power-of-two grid fine enough for its noise shares, and no update
+    """Distributed DP needs SecAgg+ (or CKKS) on a power-of-two grid fine enough for its noise shares, and no update
     clipping on the shares (user-level noise is refused earlier, in :func:`check_privacy`)."""
     from fl_ser.privacy.accountant import PrivacyBudgetError
     from fl_ser.privacy.budget import distributed_settings
     from fl_ser.privacy.distributed import SecAggGrid
     from fl_ser.privacy.noise import MIN_STEPS_PER_STD
     from fl_ser.task import new_classifier
-    from server.secagg import secagg_workflow
+    from server.secure_aggregation import fit_workflow
 
-    if cfg.aggregation.name != "secagg_plus":
+    if cfg.aggregation.name not in ("secagg_plus", "ckks"):
         raise PrivacyBudgetError("privacy.dp_sgd.placement=distributed adds only a share of the noise on each device: "
-                                 "it needs aggregation=secagg_plus, so that the server sees nothing but the sum")
+                                 "it needs aggregation=secagg_plus (or ckks), so that the server sees nothing but "
+                                 "the sum")
     if cfg.privacy.update_clipping.enabled:
         raise PrivacyBudgetError("privacy.dp_sgd.placement=distributed sends each device's noisy gradient sum, not "
                                  "a model update: set privacy.update_clipping.enabled=false (privacy=distributed does)")
-    secagg = secagg_workflow(cfg, cohort)
-    grid = SecAggGrid(float(cfg.aggregation.clipping_range), int(secagg.quantization_range))
-    settings = distributed_settings(cfg, int(secagg.reconstruction_threshold), cohort)
+    secure = fit_workflow(cfg, cohort)
+    grid = SecAggGrid(float(cfg.aggregation.clipping_range), secure.quantization_range)
+    settings = distributed_settings(cfg, secure.threshold, cohort)
     params = sum(p.numel() for p in new_classifier(cfg, len(cfg.labels)).parameters())
     std = settings.share_std(params, grid.step)
     if std < MIN_STEPS_PER_STD * grid.step:

@@ -576,6 +576,11 @@ class SecAggPlus(SecAggPlusWorkflow):
         complete once the round's SecAgg+ protocol ended (aggregated or halted)."""
         return self._report.as_dict()
 
+    @property
+    def threshold(self) -> int:
+        """The reconstruction threshold: the fewest devices whose shares unmask a sum."""
+        return int(self.reconstruction_threshold)
+
     def setup_stage(self, grid, context, state) -> bool:
         self._report = RoundReport()
         checked = self._checked(grid, state)

@@ -31,6 +31,19 @@ RELEASE_REPORT = "fl-ser.release.report"  # False: store the release, send no me
 MASK_SCHEME_KEY = "fl-ser.mask_scheme"
 MASK_SCHEME = "hkdf-sha256+chacha20/v1"
 
+#: aggregation=ckks (server/ckks_aggregation.py, clients/ckks_mod.py): the record of both CKKS messages, its stage
+#: key and stages (``fit``: train and answer with the encrypted update; ``decrypt``: a key holder decrypts the
+#: round's encrypted sum), and the keys in it.
+SECURE_AGGREGATIONS = ("secagg_plus", "ckks")  # the aggregation names under which no update leaves readable
+CKKS_RECORD = "fl-ser.ckks"
+CKKS_STAGE = "stage"
+CKKS_FIT, CKKS_DECRYPT = "fit", "decrypt"
+CKKS_CIPHERTEXTS = "ciphertexts"  # serialized CKKS vectors (fit reply: the update; decrypt request: the sum)
+CKKS_KEY_ID = "key_id"            # the public name of the key the update is under (fl_ser.privacy.ckks.key_id)
+CKKS_LENGTH = "length"            # decrypt request: how many values the sum holds
+CKKS_CONTRIBUTORS = "contributors"  # decrypt request: how many devices' updates the sum holds
+CKKS_SUM = "sum"                  # decrypt reply: the sum, rounded to the public grid (float64 bytes)
+
 
 class PublicError(IntEnum):
     """The only error codes a device sends, each with a fixed text (never text built from local data).
@@ -58,3 +71,25 @@ PUBLIC_REASONS = {
     PublicError.DEVICE_FAILED: "device failed: see its local log",
     PublicError.BOUNDARY_REFUSED: "device refused: the reply is outside its privacy boundary",
 }
+
+
+# -- Encrypted inference (server/inference_service.py, clients/fhe_client.py) ----------------------------------------
+#: The HTTP API of the inference service. ``GET`` the model's public info (JSON: the keys below); ``POST`` the
+#: device's public CKKS context with its evaluation keys (raw bytes; JSON reply: the key id); ``POST`` one encrypted,
+#: normalised feature vector (raw bytes, the key id in a header; reply: the encrypted logits, raw bytes). Every error
+#: is JSON ``{"error": text}`` with a 4xx status (5xx only for the server's own failures).
+FHE_MODEL_PATH = "/v1/model"
+FHE_KEYS_PATH = "/v1/keys"
+FHE_PREDICT_PATH = "/v1/predict"
+FHE_KEY_ID_HEADER = "X-FL-SER-Key-Id"
+FHE_CONTENT_TYPE = "application/octet-stream"
+FHE_LABELS = "labels"              # model info: class names in output order
+FHE_INPUT_SIZE = "input_size"      # model info: how many normalised features one ciphertext holds
+FHE_CKKS = "ckks"                  # model info: the CKKS parameters the device's context must use (CKKSParams.as_dict)
+FHE_MODEL_SHA256 = "model_sha256"  # model info: sha256 of the release's emotion_model.pt (the device's front end)
+FHE_SCORES = "scores"              # model info: what the reply decrypts to ("logits": softmax them on the device)
+FHE_ROTATION_STEPS = "rotation_steps"  # model info: the rotations the device's Galois keys must cover
+FHE_MAX_KEYS_BYTES = "max_keys_bytes"        # model info: the service's size cap of a key upload
+FHE_MAX_PREDICT_BYTES = "max_predict_bytes"  # model info: ... and of one prediction request
+FHE_KEY_ID = "key_id"              # key reply: the id to send with each prediction (fl_ser.privacy.ckks.key_id)
+FHE_ERROR = "error"                # every error reply: what is wrong and what to do

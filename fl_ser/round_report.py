@@ -12,7 +12,7 @@ plain aggregation (:class:`server.replies.ReplyCheck`) reports ``fit``.
 
 Stage names (also what ``faults.stages`` names, :mod:`clients.faults`): the
 SecAgg+ stages ``setup``, ``share_keys``, ``collect_masked_vectors`` and
-``unmask``, the plain ``fit``, and ``release`` (the evaluate message that
+``unmask``, ``fit`` (plain, or CKKS's encrypted update), CKKS's ``decrypt``, and ``release`` (the evaluate message that
 carries the released model).
 """
 
@@ -26,7 +26,7 @@ from flwr.common.constant import ErrorCode
 from fl_ser.protocol import PublicError
 
 SECAGG_STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
-STAGES = (*SECAGG_STAGES, "fit", "release")
+STAGES = (*SECAGG_STAGES, "fit", "decrypt", "release")
 UPDATE_STAGES = ("collect_masked_vectors", "fit")  # the replies that carry a device's update
 
 NO_REPLY = "no reply"  # the device was asked and never answered (reply timeout)

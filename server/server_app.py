@@ -57,7 +57,7 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
     from server.records import RunRecorder, RunStopped
     from server.release import deploy_and_collect, release_model
     from server.replies import ReplyCheck
-    from server.secagg import secagg_workflow
+    from server.secure_aggregation import fit_workflow
     from server.user_dp import UserLevelDP
 
     run_dir = Path(cfg.run_dir)
@@ -82,12 +82,11 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
     init = resumed.params if resumed else (pretrained[0] if pretrained else
                                            get_arrays(new_classifier(cfg, len(cfg.labels))))
 
-    secure = cfg.aggregation.name == "secagg_plus"
-    secagg = secagg_workflow(cfg, m) if secure else None
+    secure = fit_workflow(cfg, m)  # SecAgg+ or CKKS; None: plain aggregation (Flower's default fit)
 
     def round_outcome() -> dict:
-        """Who was sampled, lost where, and why (SecAgg+'s stages, or the plain fit's replies)."""
-        report = secagg.round_report if secure else reply_check.last_round
+        """Who was sampled, lost where, and why (the secure protocol's stages, or the plain fit's replies)."""
+        report = secure.round_report if secure is not None else reply_check.last_round
         return {"sampled": report["sampled"], "participants": report["participants"], "dropped": report["dropped"],
                 "malformed": report["malformed"], "causes": report["failure_causes"]}
 
@@ -104,12 +103,12 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
     )
     if cfg.privacy.update_clipping.enabled:
         strategy = UserLevelDP(strategy, float(cfg.privacy.update_clipping.clipping_norm), z_user, str(user.placement))
-    shares = distributed_settings(cfg, int(secagg.reconstruction_threshold), m) if distributed(cfg) else None
+    shares = distributed_settings(cfg, secure.threshold, m) if distributed(cfg) else None
     if shares is not None:
         from fl_ser.privacy.distributed import SecAggGrid
         from server.distributed_dp import DistributedStep
 
-        lattice = SecAggGrid(float(cfg.aggregation.clipping_range), int(secagg.quantization_range))
+        lattice = SecAggGrid(float(cfg.aggregation.clipping_range), secure.quantization_range)
         strategy = DistributedStep(strategy, lattice, float(cfg.privacy.distributed.step_size), shares)
     strategy = reply_check = ReplyCheck(strategy)  # outermost: a malformed reply never reaches the aggregate
     if resumed:
@@ -124,7 +123,7 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds, round_timeout=reply_timeout(cfg)),
                            strategy=strategy, client_manager=csprng_client_manager())
     grid = prompt_grid(grid, cfg)
-    workflow = ResumableWorkflow(fit_workflow=secagg,
+    workflow = ResumableWorkflow(fit_workflow=secure,
                                  start_round=resumed.round + 1 if resumed else 1, after_round=after_round)
     stopped = None
     try:

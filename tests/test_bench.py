@@ -2,7 +2,7 @@
 
 import pytest
 
-from experiments.bench import federation, local
+from experiments.bench import aggregation, local
 from tests.conftest import make_config
 
 
@@ -20,7 +20,19 @@ def test_on_device_benchmarks_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_secagg_round_cost_runs():
-    shapes = [(4, 3), (3,)]
-    secure = federation.round_cost(3, secure=True, shapes=shapes)
-    assert secure["round_s"] > 0 and secure["secagg_s_per_device_round"] > 0
+def test_plain_secagg_and_ckks_run_side_by_side():
+    """3 devices, 2 rounds each: the costs come out, the protocols exchange as they should, and CKKS's aggregate
+    equals plain aggregation's of the same clipped updates (to its 2^-20 grid)."""
+    results = aggregation.aggregation_costs({"tiny": [(4, 3), (3,)]}, counts=(3,), rounds=2)["aggregation_costs"]
+    costs = results["tiny"]["devices"]["3"]
+    assert {k: c["exchanges_per_round"] for k, c in costs.items()} == {"plain": 1, "secagg_plus": 4, "ckks": 2}
+    assert costs["ckks"]["messages_per_round"] == 3 + 1 and set(costs["ckks"]["stages"]) == {"ckks_fit",
+                                                                                             "ckks_decrypt"}
+    assert costs["ckks"]["max_abs_error_vs_plain"] <= 1e-5 and costs["plain"]["max_abs_error_vs_plain"] == 0
+    assert costs["ckks"]["up_bytes_per_device_round"] > costs["secagg_plus"]["up_bytes_per_device_round"]
+    for cost in costs.values():
+        assert cost["round_s"] > 0 and cost["device_cpu_s_per_round"] > 0
+    assert costs["secagg_plus"]["mod_s_per_device_round"] > 0 and costs["ckks"]["server_sum_cpu_s"] > 0
+    assert len(aggregation.table_rows(results)) == 7
+    beats, loses = aggregation.notes(results)[0].split("; it loses on ")
+    assert "message exchanges per round (2 vs 4" in beats and "upload per device per round" in loses

@@ -88,7 +88,7 @@ def test_unlisted_records_and_message_types_are_refused():
         check_reply(leaky, "train", "setup", True)
     with pytest.raises(PrivacyBoundaryError, match="query"):
         check_reply(RecordDict(), "query", None, True)
-    with pytest.raises(PrivacyBoundaryError, match="outside the SecAgg"):
+    with pytest.raises(PrivacyBoundaryError, match="outside the secure aggregation protocols"):
         check_reply(fit_reply({}), "train", None, True)
     ev = RecordDict({"evaluateres.metrics": ConfigRecord({"uar": 0.5, "mean_f0": 180.0}),
                      "evaluateres.loss": MetricRecord({"loss": 1.0})})

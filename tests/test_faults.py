@@ -69,7 +69,8 @@ def federation(folder: Path, secure: bool, script: list) -> SimpleNamespace:
     for logger in loggers:
         logger.addHandler(records)
     try:
-        seen = fixed_update_federation(GLOBAL, device_update, NUM_DEVICES, secure, rounds=len(script),
+        seen = fixed_update_federation(GLOBAL, device_update, NUM_DEVICES, "secagg_plus" if secure else "plain",
+                                       rounds=len(script),
                                        clipping_norm=CLIP, network=[who_is_who(str(folder)), *script],
                                        reports=reports)
     finally:

@@ -402,7 +402,8 @@ def test_a_secagg_federation_runs_fl_sers_crypto_and_dispatcher(tmp_path):
     init = [np.linspace(-1, 1, int(np.prod(s)), dtype=np.float32).reshape(s) for s in shapes]
     update_of = partial(seeded_update, shapes)  # small: nothing is clipped
     before = Counter(compat.dispatch_counts)
-    seen = fixed_update_federation(init, update_of, n, secure=True, around_secagg=[observer(str(tmp_path), update_of)])
+    seen = fixed_update_federation(init, update_of, n, "secagg_plus",
+                                   around_secagg=[observer(str(tmp_path), update_of)])
     dispatched = compat.dispatch_counts - before
     assert dispatched["messages"] == 4 * n and dispatched["passes"] > 0
     rows = [json.loads(line) for f in tmp_path.glob("node_*.jsonl") for line in f.read_text().splitlines()]

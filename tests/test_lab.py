@@ -54,6 +54,10 @@ def test_prepare_writes_a_ca_a_server_certificate_and_device_keys(lab):
         key = load_ssh_private_key(lab.device_key(device).read_bytes(), None)
         assert isinstance(key.curve, ec.SECP384R1)  # a NIST curve, as Flower's node auth requires
         assert lab.enrolled_key(device).read_bytes() == (lab.device_dir(device) / "node.pub").read_bytes()
+    # aggregation=ckks: one CKKS key, the same on every device (read_secret_context checks mode 0600 and params)
+    from fl_ser.privacy.ckks import CKKSParams, key_id, read_secret_context
+
+    assert len({key_id(read_secret_context(lab.ckks_key(d), CKKSParams())) for d in lab.devices}) == 1
     for secret in lab.secrets:  # private keys: owner-only files in owner-only folders
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600
         assert stat.S_IMODE(secret.parent.stat().st_mode) == 0o700

@@ -162,7 +162,7 @@ def test_a_tampering_server_in_a_federation_learns_nothing(tmp_path, monkeypatch
 @pytest.mark.parametrize("cohort", [2, 3, 4, 5, 6, 10, 33, 100])
 def test_the_servers_secagg_threshold_is_one_devices_accept(tmp_path, cohort):
     """Flower rounds 0.6 x 4 shares down to 2 (half), which a device's policy refuses; the server asks for more."""
-    from server.secagg import secagg_workflow
+    from server.secure_aggregation import secagg_workflow
 
     cfg = make_config(tmp_path, *SMALL)
     workflow = secagg_workflow(cfg, cohort)

@@ -28,7 +28,8 @@ def clipped(update):
 def run_federation(secure: bool) -> list[np.ndarray]:
     from experiments.bench.federation import fixed_update_federation
 
-    return fixed_update_federation(GLOBAL, device_update, NUM_DEVICES, secure, rounds=1, clipping_norm=CLIP)[-1][1]
+    return fixed_update_federation(GLOBAL, device_update, NUM_DEVICES, "secagg_plus" if secure else "plain", rounds=1,
+                                   clipping_norm=CLIP)[-1][1]
 
 
 @pytest.mark.slow

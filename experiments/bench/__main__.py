@@ -25,6 +25,8 @@ def config(run_dir: Path, *overrides: str, cache_dir: Path | None = None):
 
 
 def table(bench: dict) -> str:
+    from experiments.bench.aggregation import table_rows
+
     m = bench["machine"]
     rows = [("DP-SGD overhead (private / plain epoch, default model), vetted OpenDP noise (default)",
              bench["dp_sgd_overhead"], "<= 2.0"),
@@ -47,6 +49,7 @@ def table(bench: dict) -> str:
              bench["mask_prg_round_ratio"], "<= 1.05"),
             ("SecAgg+ per-device work: power-law exponent in n",
              bench["secagg_per_device_growth"]["power_law_exponent"], "~log n"),
+            *table_rows(bench["aggregation_costs"]),
             *[(f"feature real-time factor, {k} (1 core)", v, ">= 500") for k, v in bench["feature_rtf"].items()],
             ("release latency, 3 s utterance, ms (1 core)", bench["inference_ms_3s"], "<= 5"),
             ("release size, MB", bench["model_mb"], "<= 1"),
@@ -77,7 +80,7 @@ def main() -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     import torch
 
-    from experiments.bench import deployment, federation, local, noise, scale
+    from experiments.bench import aggregation, deployment, federation, local, noise, scale
     from experiments.bench.timing import machine
     from experiments.train import quiet_console
     from fl_ser.task import new_classifier
@@ -119,6 +122,11 @@ def main() -> None:
                                                  repeats=1 if args.quick else 5))
     bench.update(federation.mask_prg_overhead(shapes, num_devices=3 if args.quick else 100,
                                               alternations=1 if args.quick else 2))
+    print("aggregation side by side: plain, SecAgg+, CKKS ...", flush=True)
+    bench.update(aggregation.aggregation_costs(aggregation.default_models(out / "runs" / "models", quick=args.quick),
+                                               counts=(3,) if args.quick else (10, 100),
+                                               rounds=2 if args.quick else 3))
+    notes += aggregation.notes(bench["aggregation_costs"])
     devices = 3 if args.quick else 100
     whole = ("privacy=full", "model=mlp", f"data.num_speakers={devices + 4}", "partition.num_test_speakers=4",
              "rounds=4", "release.deploy=false",

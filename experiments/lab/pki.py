@@ -11,6 +11,7 @@
       devices/device-NN/node.key  the device's private key (OpenSSH EC P-384, as Flower expects)
       devices/device-NN/node.pub
       devices/device-NN/ca.crt    the CA certificate the device uses to check the SuperLink
+      devices/device-NN/ckks/secret.key   the federation's CKKS key (aggregation=ckks; the same for every device)
 
 Private keys are written with mode 0600 inside 0700 folders, and never printed.
 """
@@ -30,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from experiments.deployment import DeploymentError
+from fl_ser.privacy.ckks import CKKSParams, new_context, write_secret_context
 
 LAB_FILE = "lab.json"
 VALID_DAYS = 365
@@ -68,6 +70,9 @@ class Lab:
 
     def device_key(self, device: str) -> Path:
         return self.device_dir(device) / "node.key"
+
+    def ckks_key(self, device: str) -> Path:
+        return self.device_dir(device) / "ckks" / "secret.key"
 
     @property
     def secrets(self) -> list[Path]:
@@ -154,6 +159,7 @@ def prepare_lab(out: str | Path, num_devices: int, hosts: list[str], overwrite: 
     server_cert = _certificate(names[0], server_key.public_key(), ca_cert.subject, ca_key, ca=False, hosts=names)
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
     lab = Lab(root, names, device_names(num_devices))
+    ckks = new_context(CKKSParams())  # aggregation=ckks's default parameters; one key the devices share
     _write(root / "ca" / "ca.key", _pem_key(ca_key), secret=True)
     _write(lab.ca_cert, ca_pem)
     _write(lab.server_key, _pem_key(server_key), secret=True)
@@ -168,6 +174,9 @@ def prepare_lab(out: str | Path, num_devices: int, hosts: list[str], overwrite: 
         _write(lab.device_dir(device) / "node.pub", public)
         _write(lab.device_dir(device) / "ca.crt", ca_pem)
         _write(lab.enrolled_key(device), public)
+        if overwrite:
+            lab.ckks_key(device).unlink(missing_ok=True)
+        write_secret_context(lab.ckks_key(device), ckks)
     _write(root / LAB_FILE, (json.dumps({"hosts": list(names), "devices": list(lab.devices),
                                           "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                                           "valid_days": VALID_DAYS}, indent=2) + "\n").encode())

@@ -168,7 +168,8 @@ def rehearse(cfg: DictConfig, lab: Lab, num_devices: int, faults: tuple[DeviceFa
             device_dir = run_dir / "devices" / device
             device_dir.mkdir(parents=True, exist_ok=True)
             record["devices"][device] = {"node_id": str(reply["node-id"]), "device_dir": str(device_dir)}
-            node_config = f'partition-id={i} num-partitions={num_devices} device-dir="{device_dir}"'
+            node_config = (f'partition-id={i} num-partitions={num_devices} device-dir="{device_dir}" '
+                           f'ckks-key="{lab.ckks_key(device)}"')
             launcher = [flower_bin("flower-supernode")] if stock else [sys.executable, "-m", "clients.supernode",
                                                                         "--warm"]
             procs.start(device, [

@@ -1,5 +1,6 @@
 """The trainable part of the emotion model: a compact CNN on spectrogram-like
-features and an MLP on utterance-level functionals.
+features, an MLP on utterance-level functionals, and a polynomial MLP that can
+also be evaluated on CKKS ciphertexts (encrypted inference, :mod:`fl_ser.models.encrypted`).
 
 Only these classifiers' parameters are ever federated; the feature extractor is
 fixed signal processing and the normaliser holds device-local statistics. Sizes
@@ -11,10 +12,24 @@ gradient clipping (Opacus's ModuleValidator rejects it).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+
+
+def feed_forward(name: str, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int],
+                 after_linear: Callable[[int], list[nn.Module]]) -> nn.Sequential:
+    """Linear layers of widths ``hidden``, each followed by ``after_linear(width)``, then the output layer."""
+    if len(input_shape) != 1:
+        raise ValueError(f"{name} needs vector features of shape (D,), got {tuple(input_shape)}")
+    layers: list[nn.Module] = []
+    width = int(input_shape[0])
+    for h in map(int, hidden):
+        layers += [nn.Linear(width, h), *after_linear(h)]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
 
 
 class MLP(nn.Module):
@@ -25,15 +40,40 @@ class MLP(nn.Module):
     def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (64, 32),
                  dropout: float = 0.1):
         super().__init__()
-        if len(input_shape) != 1:
-            raise ValueError(f"MLP needs vector features of shape (D,), got {tuple(input_shape)}")
-        layers: list[nn.Module] = []
-        width = int(input_shape[0])
-        for h in hidden:
-            layers += [nn.Linear(width, int(h)), nn.LayerNorm(int(h)), nn.ReLU(), nn.Dropout(dropout)]
-            width = int(h)
-        layers.append(nn.Linear(width, num_classes))
-        self.net = nn.Sequential(*layers)
+        self.net = feed_forward("MLP", input_shape, num_classes, hidden,
+                                lambda h: [nn.LayerNorm(h), nn.ReLU(), nn.Dropout(dropout)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class PolyActivation(nn.Module):
+    """``c0 + c1 x + c2 x^2`` with fixed coefficients: the least-squares quadratic fit of ReLU on ``[-r, r]``
+    (``3r/32 + x/2 + 15x^2/(32r)``). A degree-2 polynomial costs one CKKS multiplication, where ReLU cannot be
+    evaluated on ciphertexts at all; fixed (not trained) coefficients keep every trained parameter in an
+    ``nn.Linear`` for Opacus, and a fit to ReLU keeps the activation's growth gentle on standardised inputs."""
+
+    def __init__(self, fit_range: float = 4.0):
+        super().__init__()
+        if not fit_range > 0:
+            raise ValueError(f"PolyActivation fit_range must be positive, got {fit_range}")
+        r = float(fit_range)
+        self.c0, self.c1, self.c2 = 3 * r / 32, 0.5, 15 / (32 * r)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c0 + self.c1 * x + self.c2 * x * x
+
+
+class PolyMLP(nn.Module):
+    """Feed-forward classifier on a feature vector of shape (D,) built only from what CKKS evaluates:
+    ``nn.Linear`` layers and :class:`PolyActivation` (no LayerNorm, no ReLU, no dropout, no softmax)."""
+
+    expects = "vector"
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (32,),
+                 fit_range: float = 4.0):
+        super().__init__()
+        self.net = feed_forward("PolyMLP", input_shape, num_classes, hidden, lambda h: [PolyActivation(fit_range)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -6,7 +6,8 @@ reply against the table below, by name *and* by value; anything not listed
 is not sent. Raw audio, features, labels, normaliser statistics, the ledger
 and the device's logs are not in the table, so they can never leave. With
 secure aggregation on, no float array leaves either: the model update leaves
-only as SecAgg+-masked integers, and the server learns only their sum.
+only as SecAgg+-masked integers or CKKS ciphertexts, and the server learns
+only their sum.
 
 Errors cross the same boundary. Whatever goes wrong on the device (a refusal,
 an unreadable file, a corrupt cache, a bug) is written in full to the device's
@@ -27,6 +28,11 @@ SecAgg+ masked vector  ``secaggplus_configs``: ``masked_params`` (masked, quanti
                        (1 for every device when updates are clipped); ``fitres.status``;
                        ``fitres.parameters`` present but empty
 SecAgg+ unmask         ``secaggplus_configs``: ``nids``, ``shares`` (key shares of neighbours)
+CKKS fit               ``fl-ser.ckks``: ``ciphertexts`` (the weighted update and its weight, CKKS-
+                       encrypted: bytes only), ``key_id`` (16 hex digits, the key's public name);
+                       ``fitres.*`` as for the SecAgg+ masked vector (num_examples 1)
+CKKS decrypt           ``fl-ser.ckks``: ``sum`` (a round's sum of at least the device's minimum of
+                       updates, rounded to the public grid: finite float64 values)
 train, plain           ``fitres.parameters`` (the clipped update, float arrays of the model's
                        shapes, visible to the server: only with ``aggregation=plain``); the same
                        metrics as above
@@ -59,7 +65,18 @@ from pathlib import Path
 import numpy as np
 
 from fl_ser.privacy.refusals import DeviceRefusal
-from fl_ser.protocol import EPSILON_METRICS, MASK_SCHEME_KEY, PublicError
+from fl_ser.protocol import (
+    CKKS_CIPHERTEXTS,
+    CKKS_DECRYPT,
+    CKKS_FIT,
+    CKKS_KEY_ID,
+    CKKS_RECORD,
+    CKKS_STAGE,
+    CKKS_SUM,
+    EPSILON_METRICS,
+    MASK_SCHEME_KEY,
+    PublicError,
+)
 
 TRAIN_METRICS = frozenset({*EPSILON_METRICS, "declined"})
 EVALUATE_METRICS = frozenset({"uar", "accuracy", "num_utterances", "epsilon"})
@@ -71,6 +88,9 @@ SECAGG_STAGE_KEYS = {
     "collect_masked_vectors": frozenset({"masked_params"}),
     "unmask": frozenset({"nids", "shares"}),
 }
+#: The boundary's names of the CKKS stages (``ckks_`` + the stage the request's CKKS record names).
+CKKS_STAGE_KEYS = {f"ckks_{CKKS_FIT}": frozenset({CKKS_CIPHERTEXTS, CKKS_KEY_ID}),
+                   f"ckks_{CKKS_DECRYPT}": frozenset({CKKS_SUM})}
 STATUS_MESSAGES = frozenset({"Success", ""})  # what Flower's NumPyClient writes; no other text leaves
 FIT_RECORDS = {"fitres.metrics": TRAIN_METRICS, "fitres.num_examples": frozenset({"num_examples"}),
                "fitres.status": frozenset({"code", "message"})}
@@ -100,10 +120,14 @@ def describe(content) -> dict:
 def allowed_records(message_type: str, stage: str | None, secure_aggregation: bool) -> dict[str, frozenset | str]:
     """The records a reply may carry: name -> allowed keys, or "empty-arrays" / "arrays"."""
     if message_type == "train" and secure_aggregation:
-        if stage not in SECAGG_STAGE_KEYS:
-            raise PrivacyBoundaryError(f"train reply outside the SecAgg+ protocol (stage {stage!r}) is not allowed")
-        allowed: dict[str, frozenset | str] = {SECAGG: SECAGG_STAGE_KEYS[stage]}
-        if stage == "collect_masked_vectors":
+        if stage in CKKS_STAGE_KEYS:
+            allowed: dict[str, frozenset | str] = {CKKS_RECORD: CKKS_STAGE_KEYS[stage]}
+        elif stage in SECAGG_STAGE_KEYS:
+            allowed = {SECAGG: SECAGG_STAGE_KEYS[stage]}
+        else:
+            raise PrivacyBoundaryError(f"train reply outside the secure aggregation protocols (stage {stage!r}) is "
+                                       "not allowed")
+        if stage in ("collect_masked_vectors", f"ckks_{CKKS_FIT}"):
             allowed.update(FIT_RECORDS)
             allowed["fitres.parameters"] = "empty-arrays"
         return allowed
@@ -169,6 +193,17 @@ def check_values(content, message_type: str, stage: str | None, expected_shapes,
             fail("the masked vector is not integer data")
         if shapes and [tuple(a.shape) for a in masked[1:]] != shapes:
             fail("the masked vector does not have the model's size")
+    ckks = content.config_records.get(CKKS_RECORD)
+    if stage == f"ckks_{CKKS_FIT}" and ckks is not None:
+        blobs, name = ckks.get(CKKS_CIPHERTEXTS, []), ckks.get(CKKS_KEY_ID, "")
+        if not isinstance(blobs, list) or not blobs or not all(isinstance(b, bytes) for b in blobs):
+            fail("the encrypted update is not a list of ciphertexts")
+        if not (isinstance(name, str) and len(name) == 16 and all(c in "0123456789abcdef" for c in name)):
+            fail("the CKKS key id is not 16 hex digits")
+    if stage == f"ckks_{CKKS_DECRYPT}" and ckks is not None:
+        total = ckks.get(CKKS_SUM)
+        if not isinstance(total, bytes) or len(total) % 8 or not np.isfinite(np.frombuffer(total, np.float64)).all():
+            fail("the decrypted sum is not finite float64 values")
     if message_type == "train" and stage is None and "fitres.parameters" in content.array_records:
         arrays = list(content.array_records["fitres.parameters"].values())
         if arrays and shapes:
@@ -190,6 +225,8 @@ def guard(msg, ctxt, handle: Callable[[], object], *, secure_aggregation: Callab
     stage = None
     if SECAGG in msg.content.config_records:
         stage = msg.content.config_records[SECAGG].get("stage")
+    elif CKKS_RECORD in msg.content.config_records:
+        stage = f"ckks_{msg.content.config_records[CKKS_RECORD].get(CKKS_STAGE)}"
     kind = msg.metadata.message_type
     try:
         expected = _request_shapes(msg)

@@ -46,7 +46,7 @@ import numpy as np
 
 from fl_ser.privacy.boundary import SECAGG
 from fl_ser.privacy.refusals import PolicyRefused
-from fl_ser.protocol import KEY_CLIPPING_NORM, KEY_DEVICE_NOISE_STD
+from fl_ser.protocol import CKKS_RECORD, KEY_CLIPPING_NORM, KEY_DEVICE_NOISE_STD, SECURE_AGGREGATIONS
 
 log = logging.getLogger("fl_ser.device")
 
@@ -69,7 +69,7 @@ class DevicePolicy:
     min_normalization_noise: float = 0.0  # privacy.normalization.mode=dp
     max_update_norm: float | None = None  # the update clipping norm C; None: unclipped updates may leave
     min_user_noise_multiplier: float = 0.0  # distributed user-level noise: this device's share, as z
-    secure_aggregation: bool = False  # updates leave only SecAgg+-masked
+    secure_aggregation: bool = False  # updates leave only SecAgg+-masked or CKKS-encrypted
     min_cohort: int = 2  # SecAgg+ cohorts smaller than this are refused; distributed noise calibrates to it
     device_report: bool = True  # may send its accuracy with the released model
     placements: tuple[str, ...] = ("local", "distributed")  # DP-SGD noise: on the device alone, or shared (SecAgg+)
@@ -127,8 +127,8 @@ class DevicePolicy:
             if str(user.placement) != "distributed" or float(user.noise_multiplier) < self.min_user_noise_multiplier:
                 out.append(f"user-level noise {user.noise_multiplier} ({user.placement}) is less than the device's "
                            f"own share z={self.min_user_noise_multiplier} (distributed)")
-        if self.secure_aggregation and str(cfg.aggregation.name) != "secagg_plus":
-            out.append(f"aggregation={cfg.aggregation.name}: the device sends updates only under SecAgg+")
+        if self.secure_aggregation and str(cfg.aggregation.name) not in SECURE_AGGREGATIONS:
+            out.append(f"aggregation={cfg.aggregation.name}: the device sends updates only under SecAgg+ or CKKS")
         return out
 
     def check_noise_multiplier(self, z: float) -> None:
@@ -190,7 +190,7 @@ class DevicePolicy:
             min_normalization_noise=float(priv.normalization.noise_multiplier),
             max_update_norm=float(priv.update_clipping.clipping_norm) if priv.update_clipping.enabled else None,
             min_user_noise_multiplier=float(user.noise_multiplier) if distributed else 0.0,
-            secure_aggregation=str(cfg.aggregation.name) == "secagg_plus",
+            secure_aggregation=str(cfg.aggregation.name) in SECURE_AGGREGATIONS,
             min_cohort=max(int(cohort or 2), 2),
             device_report=bool(cfg.release.device_report),
             placements=(str(dp.get("placement", "local")),) if dp.enabled else ("local", "distributed"),
@@ -253,9 +253,9 @@ def make_policy_mods(policy_of) -> tuple:
             if wrong:
                 raise PolicyRefused("the experiment is weaker than this device's privacy policy: " + "; ".join(wrong))
             secagg = msg.content.config_records.get(SECAGG)
-            if secagg is None and policy.secure_aggregation:
+            if secagg is None and CKKS_RECORD not in msg.content.config_records and policy.secure_aggregation:
                 raise PolicyRefused("the server asks for an unmasked update; the device sends updates only under "
-                                    "SecAgg+")
+                                    "SecAgg+ or CKKS")
             if secagg is not None and secagg.get("stage") == "setup":
                 policy.check_secagg_setup(secagg)
             config = msg.content.config_records.get(FIT_CONFIG)
