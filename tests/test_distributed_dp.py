@@ -182,7 +182,13 @@ def test_a_run_meets_its_target_epsilon_and_does_not_exceed_it(tmp_path, mode):
     if mode == "distributed":
         assert all(len(e["local_mechanisms"]) == 1 for e in events)
         assert reported["local"] > reported["lifetime"]  # one share alone carries less noise than the sum
-        assert summary["uar"] > 1 / len(cfg.labels)
+        # The halted round left the model as it was; the others took their step. (No accuracy bar: two DP-GD steps
+        # at epsilon 6 on 4 tiny devices can land below chance; one CI run scored 0.095.)
+        models = [np.load(tmp_path / "run" / "checkpoints" / f"round_{r:03d}.npz") for r in range(4)]
+        arrays = [[m[f"arr_{i}"] for i in range(len(m.files))] for m in models]
+        assert all(np.array_equal(a, b) for a, b in zip(arrays[1], arrays[2], strict=True))
+        assert not all(np.array_equal(a, b) for a, b in zip(arrays[2], arrays[3], strict=True))
+        assert not all(np.array_equal(a, b) for a, b in zip(arrays[0], arrays[1], strict=True))
     else:
         assert reported["local"] == pytest.approx(reported["lifetime"])
 

