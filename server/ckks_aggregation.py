@@ -5,8 +5,8 @@ otherwise), over the public ``Grid`` API only. Per round:
 
 1. ``fit``: every sampled device trains and answers with its update (weighted
    by its example count, the weight itself in the last slot) encrypted under
-   the federation's CKKS key (:mod:`clients.ckks_mod`). One exchange, where
-   SecAgg+ needs four.
+   the federation's CKKS key (:mod:`clients.ckks_mod`). One exchange with
+   every device, where SecAgg+ needs four; step 3 adds one message to one.
 2. The server loads each reply under a keyless context
    (:func:`fl_ser.privacy.ckks.keyless_context`: the public parameters, no
    key), drops malformed ones and those under another key than the round's
