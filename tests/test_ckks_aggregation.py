@@ -118,6 +118,17 @@ def test_the_configured_parameters_are_the_library_defaults(tmp_path):
     assert ckks.CKKSParams.from_config(make_config(tmp_path, "aggregation=ckks").aggregation.ckks) == PARAMS
 
 
+def test_a_device_that_sends_only_encrypted_updates_accepts_ckks_and_refuses_plain(tmp_path):
+    from fl_ser.privacy.policy import DevicePolicy
+    from tests.conftest import make_config
+
+    strict = DevicePolicy(secure_aggregation=True)
+    assert not strict.violations(make_config(tmp_path, "aggregation=ckks", "privacy=none"))
+    assert "only under SecAgg+ or CKKS" in " ".join(strict.violations(make_config(tmp_path, "aggregation=plain",
+                                                                                  "privacy=none")))
+    assert DevicePolicy.from_experiment(make_config(tmp_path, "aggregation=ckks"), 4).secure_aggregation
+
+
 def test_the_device_refuses_to_decrypt_a_sum_of_fewer_updates_than_its_minimum(tmp_path):
     from clients.ckks_mod import required_contributors
     from tests.conftest import make_config
