@@ -36,10 +36,9 @@ from fl_ser.privacy.ckks import (
     encrypt,
     key_id,
     load_ciphertexts,
-    new_context,
+    open_secret_context,
     quantise,
     read_secret_context,
-    write_secret_context,
 )
 from fl_ser.privacy.refusals import PolicyRefused
 from fl_ser.protocol import (
@@ -100,9 +99,8 @@ def key_path(cfg: DictConfig, node_config, device_dir: str | None) -> Path:
 
 @functools.lru_cache(maxsize=4)
 def _key(path: str, params: CKKSParams, create: bool):
-    if create and not Path(path).is_file():
-        write_secret_context(path, new_context(params))  # the first device of a simulated run; the rest load it
-    return read_secret_context(path, params)
+    # create: the first device of a simulated run makes the run's key, the rest load it
+    return open_secret_context(path, params) if create else read_secret_context(path, params)
 
 
 def device_key(cfg: DictConfig, node_config, device_dir: str | None, simulated: bool):

@@ -30,10 +30,8 @@ from fl_ser.privacy.ckks import (
     CKKSError,
     CKKSParams,
     key_id,
-    new_context,
+    open_secret_context,
     public_bytes,
-    read_secret_context,
-    write_secret_context,
 )
 
 
@@ -60,11 +58,8 @@ def key_path(key_dir: str | Path, params: CKKSParams) -> Path:
 
 def device_key(key_dir: str | Path, params: CKKSParams):
     """The device's secret CKKS context for ``params``: read from ``key_dir``, or made and stored there (0600)."""
-    path = key_path(key_dir, params)
-    if not path.exists():
-        write_secret_context(path, new_context(params))  # a concurrent writer's key wins; both then read it
     try:
-        return read_secret_context(path, params)  # checks its mode, its secret key and its parameters
+        return open_secret_context(key_path(key_dir, params), params)  # checks its mode, secret key, parameters
     except CKKSError as err:
         raise FHEError(f"{err}. Fix the file's mode, or delete it and a new key is made (the server then gets the "
                        "new public keys)") from None
@@ -87,10 +82,7 @@ class FHEClient:
         try:
             self.labels = list(self.info[protocol.FHE_LABELS])
             self.input_size = int(self.info[protocol.FHE_INPUT_SIZE])
-            ckks = self.info[protocol.FHE_CKKS]
-            self.params = CKKSParams(int(ckks["poly_modulus_degree"]),
-                                     tuple(int(b) for b in ckks["coeff_mod_bit_sizes"]), int(ckks["scale_bits"]))
-            self.params.check()
+            self.params = CKKSParams.from_config(self.info[protocol.FHE_CKKS])
             self.rotation_steps = [int(step) for step in self.info[protocol.FHE_ROTATION_STEPS]]
         except (KeyError, TypeError, ValueError) as err:
             raise FHEError(f"{self.url}{protocol.FHE_MODEL_PATH} is not an fl-ser inference service's model info "

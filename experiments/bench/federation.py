@@ -80,15 +80,10 @@ def _ckks_key(path: str):
 
 
 def stage_of(msg) -> str:
-    """The protocol stage a request asks for: SecAgg+'s or CKKS's (prefixed ``ckks_``), else ``fit``."""
-    from fl_ser.protocol import CKKS_RECORD, CKKS_STAGE
+    """The protocol stage a request asks for (:func:`fl_ser.privacy.boundary.request_stage`), else ``fit``."""
+    from fl_ser.privacy.boundary import request_stage
 
-    records = msg.content.config_records
-    if "secaggplus_configs" in records:
-        return str(records["secaggplus_configs"].get("stage"))
-    if CKKS_RECORD in records:
-        return f"ckks_{records[CKKS_RECORD].get(CKKS_STAGE)}"
-    return "fit"
+    return str(request_stage(msg) or "fit")
 
 
 def _timing_mod(log_dir: str, tag: str, traffic: bool = False):

@@ -28,7 +28,16 @@ import torch
 from torch import nn
 
 from fl_ser.models.classifiers import MLP, PolyActivation, PolyMLP
-from fl_ser.privacy.ckks import MAX_MODULUS_BITS_128, CKKSError, CKKSParams, key_id, load_context, same_parameters
+from fl_ser.privacy.ckks import (
+    MAX_MODULUS_BITS_128,
+    CKKSError,
+    CKKSParams,
+    encrypt,
+    key_id,
+    load_ciphertexts,
+    load_context,
+    same_parameters,
+)
 
 #: Polynomial degree of encrypted inference: 4096 slots, and room for depth 3 at 128-bit security.
 POLY_MODULUS_DEGREE = 8192
@@ -130,16 +139,7 @@ class EncryptedClassifier:
 
     def evaluate(self, ctx, ciphertext: bytes) -> bytes:
         """The encrypted logits (serialized) of one encrypted feature vector under the client's context ``ctx``."""
-        import tenseal as ts
-
-        try:
-            x = ts.ckks_vector_from(ctx, bytes(ciphertext))
-        except Exception as err:  # TenSEAL raises ValueError or its C++ errors for bad bytes
-            raise CKKSError(f"the ciphertext does not load under the registered key ({type(err).__name__}): it is "
-                            "damaged, or was made under another key or other CKKS parameters") from None
-        if x.size() != self.input_size:
-            raise CKKSError(f"the ciphertext holds {x.size()} values, the model takes {self.input_size} normalised "
-                            "features")
+        (x,) = load_ciphertexts(ctx, [ciphertext], self.params, self.input_size)  # CKKSError: damaged, other size
         try:
             return self._forward(x).serialize()
         except Exception as err:
@@ -204,16 +204,12 @@ def device_features(pipeline: nn.Module, wave: np.ndarray) -> np.ndarray:
 
 
 def encrypt_features(ctx, features: np.ndarray, params: CKKSParams) -> bytes:
-    """One normalised feature vector encrypted under the device's secret context (serialized)."""
-    import tenseal as ts
-
+    """One normalised feature vector encrypted under the device's secret context (serialized; one ciphertext)."""
     x = np.asarray(features, dtype=np.float64).ravel()
-    if not np.isfinite(x).all():
-        raise CKKSError("refusing to encrypt non-finite features")
-    if np.abs(x).max(initial=0.0) >= params.max_abs_value:
-        raise CKKSError(f"features up to {np.abs(x).max():.3g} exceed what the CKKS parameters hold "
-                        f"(|x| < {params.max_abs_value:g})")
-    return ts.ckks_vector(ctx, x.tolist()).serialize()
+    if x.size > params.slots:
+        raise CKKSError(f"{x.size} features do not fit one ciphertext of {params.slots} slots")
+    (blob,) = encrypt(ctx, x, params)  # refuses non-finite values and values the parameters cannot hold
+    return blob
 
 
 def decrypt_scores(ctx, ciphertext: bytes, num_classes: int) -> np.ndarray:

@@ -219,14 +219,21 @@ def public_error(msg, error: PublicError):
     return Message(Error(code=int(error), reason=error.reason), reply_to=msg)
 
 
+def request_stage(msg) -> str | None:
+    """The secure-aggregation stage a request asks for, as the table names it: SecAgg+'s, or CKKS's prefixed
+    ``ckks_``; None for any other message."""
+    records = msg.content.config_records
+    if SECAGG in records:
+        return records[SECAGG].get("stage")
+    if CKKS_RECORD in records:
+        return f"ckks_{records[CKKS_RECORD].get(CKKS_STAGE)}"
+    return None
+
+
 def guard(msg, ctxt, handle: Callable[[], object], *, secure_aggregation: Callable[[], bool],
           uniform_weight: Callable[[], bool], audit_dir: Callable[[], str | None]):
     """Run ``handle()`` (the device's whole handling of ``msg``) inside the boundary; returns what may leave."""
-    stage = None
-    if SECAGG in msg.content.config_records:
-        stage = msg.content.config_records[SECAGG].get("stage")
-    elif CKKS_RECORD in msg.content.config_records:
-        stage = f"ckks_{msg.content.config_records[CKKS_RECORD].get(CKKS_STAGE)}"
+    stage = request_stage(msg)
     kind = msg.metadata.message_type
     try:
         expected = _request_shapes(msg)

@@ -30,19 +30,15 @@ file handling around it:
   (:class:`CKKSPrecisionError`).
 * **Key files** (:func:`write_secret_context`): the secret context is written
   with mode 0600, atomically, and never overwritten.
-
-TenSEAL prints C++ warnings to the process's stdout; :func:`quiet` keeps them
-out of fl-ser's console output where they could still appear.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,8 +67,9 @@ class CKKSParams:
 
     @classmethod
     def from_config(cls, section) -> CKKSParams:
-        params = cls(int(section.poly_modulus_degree), tuple(int(b) for b in section.coeff_mod_bit_sizes),
-                     int(section.scale_bits))
+        """From a mapping with the keys of :meth:`as_dict` (a config section, or JSON), checked."""
+        params = cls(int(section["poly_modulus_degree"]), tuple(int(b) for b in section["coeff_mod_bit_sizes"]),
+                     int(section["scale_bits"]))
         params.check()
         return params
 
@@ -107,22 +104,6 @@ class CKKSParams:
     def as_dict(self) -> dict:
         return {"poly_modulus_degree": self.poly_modulus_degree, "coeff_mod_bit_sizes": list(self.coeff_mod_bit_sizes),
                 "scale_bits": self.scale_bits}
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence what TenSEAL's C++ code prints to file descriptor 1 while inside (Python's prints are kept apart)."""
-    import sys
-
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 1)
-            yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def new_context(params: CKKSParams, *, galois: bool = False):
@@ -188,6 +169,14 @@ def write_secret_context(path: str | Path, ctx) -> Path:
     finally:
         tmp.unlink()
     return path
+
+
+def open_secret_context(path: str | Path, params: CKKSParams):
+    """The secret context in ``path``, made (fresh keys, mode 0600) if there is none yet: a concurrent writer's
+    key wins and both then read it (:func:`write_secret_context`)."""
+    if not Path(path).is_file():
+        write_secret_context(path, new_context(params))
+    return read_secret_context(path, params)
 
 
 def read_secret_context(path: str | Path, params: CKKSParams):
@@ -268,7 +257,7 @@ def load_ciphertexts(ctx, blobs: Sequence[bytes], params: CKKSParams, length: in
         try:
             vec = ts.ckks_vector_from(ctx, bytes(blob))
         except Exception as err:
-            raise CKKSError(f"ciphertext {i} does not load under the federation's parameters "
+            raise CKKSError(f"ciphertext {i} does not load under the expected CKKS parameters "
                             f"({type(err).__name__})") from None
         expected = min(params.slots, length - i * params.slots)
         if vec.size() != expected:
