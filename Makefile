@@ -8,7 +8,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 OUT ?= outputs/bench
 
-.PHONY: run test bench soak frontier lint clean-venv
+.PHONY: run test bench soak frontier audit lint clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ soak: $(STAMP)
 # defaults). Resume a stopped sweep with the same ARGS plus hydra.run.dir=ITS_DIR.
 frontier: $(STAMP)
 	$(PY) -m experiments.frontier $(ARGS)
+
+# The privacy and robustness audit of an experiment (ARGS: its overrides; add --quick for a smoke test).
+audit: $(STAMP)
+	$(PY) -m experiments.audit $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -42,6 +42,13 @@ def make_config(tmp_path: Path, *overrides: str) -> DictConfig:
 needs_emodb = pytest.mark.skipif(not EMODB.exists(), reason=f"EmoDB not found at {EMODB}")
 
 
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory) -> str:
+    """One feature cache for the audit's tests: they build many configs over the same small corpora, and
+    features are keyed by everything they depend on, so sharing them changes nothing but the time."""
+    return str(tmp_path_factory.mktemp("features"))
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """On-device work is single-threaded; one utterance is too small to share, and threads contend on a busy box."""

@@ -35,6 +35,9 @@ def uar(y_true: Sequence, y_pred: Sequence) -> float:
 def uar_interval(y_true: Sequence, y_pred: Sequence, clusters: Sequence, seed: int = 0) -> dict:
     """UAR with a 95 % bootstrap interval over ``clusters`` (the speaker each prediction is about)."""
     y_true, y_pred, clusters = np.asarray(y_true), np.asarray(y_pred), np.asarray(clusters)
+    if len(np.unique(y_true)) < 2:
+        return {"uar": None, "ci95": None, "n": int(len(y_true)), "speakers": int(len(np.unique(clusters))),
+                "chance": 0.5, "note": "fewer than two classes among the attack's targets: no UAR"}
     names = np.unique(clusters)
     members = [np.flatnonzero(clusters == c) for c in names]
     rng = np.random.default_rng(seed)
