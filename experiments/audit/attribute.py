@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from experiments.audit.federation import Arrays, AuditFederation, Device, flatten
+from experiments.audit.federation import Arrays, AuditFederation, Device, flatten, summed
 from experiments.audit.stats import uar_interval
 
 MALE = "m"
@@ -127,17 +127,12 @@ def _difference(fed: AuditFederation, devices: Sequence[Device], rnd: _Round,
     for i, d in enumerate(devices):
         rest = [o for j, o in enumerate(devices) if j != i]
         again = [fed.contribution(rnd.arrays, o, len(devices)) for o in rest]
-        with_victim = flatten_sum(rnd.updates)
-        diff = with_victim[0] - flatten_sum(again)[0]
+        diff = summed(rnd.updates)[0] - summed(again)[0]
         x, y = _shadow_training(devices, rnd, d.speaker)
         pred.append(int(logistic(x, y, diff.ravel()[None])[0] > 0.5))
         truth.append(is_male(d))
         who.append(d.speaker)
     return uar_interval(truth, pred, who)
-
-
-def flatten_sum(updates: list[Arrays]) -> Arrays:
-    return [np.sum(np.stack(layer), axis=0) for layer in zip(*updates, strict=True)]
 
 
 def _cohort_sum(devices: Sequence[Device], seen: list[_Round], size: int, cohorts: int, rng: random.Random) -> dict:
@@ -154,7 +149,7 @@ def _cohort_sum(devices: Sequence[Device], seen: list[_Round], size: int, cohort
         y = [sex[s] for s, us in rnd.shadow.items() if s not in inside for _ in us]
         if len(set(y)) < 2:
             continue
-        mean = first_layer(flatten_sum([rnd.updates[i] for i in members])) / size
+        mean = first_layer(summed([rnd.updates[i] for i in members])) / size
         pred.append(int(logistic(np.stack(x), np.asarray(y), mean[None])[0] > 0.5))
         truth.append(int(sum(sex[devices[i].speaker] for i in members) * 2 > size))
         who.append(f"cohort{c}")

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from experiments.audit.federation import AuditFederation, Device, flatten
+from experiments.audit.federation import AuditFederation, Device, flatten, summed
 from experiments.audit.stats import epsilon_lower_bound
 from fl_ser.data.corpus import SAMPLE_RATE
 from fl_ser.privacy.accountant import epsilon as accountant_epsilon
@@ -51,8 +51,7 @@ def canary_audit(fed: AuditFederation, devices: Sequence[Device], rounds: int, t
 
         def observe(r, arrays, updates):
             nonlocal total
-            seen = updates[0] if not fed.distributed else [np.sum(np.stack(layer), axis=0)
-                                                            for layer in zip(*updates, strict=True)]
+            seen = summed(updates) if fed.distributed else updates[0]
             g = flatten(clipped_gradient_sum(fed.classifier(arrays), canary_x, label, clip))
             total += float(np.dot(flatten(seen), -g) / (np.linalg.norm(g) + 1e-12))
 

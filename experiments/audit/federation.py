@@ -148,8 +148,7 @@ class AuditFederation:
         strategy's ``aggregate_fit`` over the devices' new weights (FedAvg unless given), then user-level noise
         on the mean where the experiment adds it at the server."""
         if self.distributed:
-            return [(a + np.sum(np.stack(layer), axis=0)).astype(a.dtype)
-                    for a, layer in zip(arrays, zip(*updates, strict=True), strict=True)]
+            return [(a + s).astype(a.dtype) for a, s in zip(arrays, summed(updates), strict=True)]
         strategy = strategy or FedAvg(fit_metrics_aggregation_fn=no_metrics)
         new = [[a + u for a, u in zip(arrays, upd, strict=True)] for upd in updates]
         if self.user_noise > 0:  # server.user_dp.UserLevelDP: uniform mean of the clipped updates, then noise
@@ -192,6 +191,11 @@ class AuditFederation:
         model = new_classifier(self.cfg, len(self.labels))
         set_arrays(model, arrays)
         return model.eval()
+
+
+def summed(updates: list[Arrays]) -> Arrays:
+    """The layer-wise sum of several updates: what SecAgg+ or CKKS reveals of a round."""
+    return [np.sum(np.stack(layer), axis=0) for layer in zip(*updates, strict=True)]
 
 
 def no_metrics(_metrics) -> dict:

@@ -29,6 +29,7 @@ from flwr.server.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum
 from experiments.audit.federation import AuditFederation, Device, corpus_devices, no_metrics
 from experiments.audit.stats import uar
 from fl_ser.data.corpus import corpus_from_config
+from fl_ser.privacy.policy import clip_norm
 from fl_ser.task import extract, extractor_from_config
 from fl_ser.training import predict
 
@@ -57,12 +58,12 @@ def _trigger(wave: np.ndarray) -> np.ndarray:
     return (wave + tone).astype(np.float32)
 
 
-def _triggered(cfg, device: Device) -> torch.Tensor:
+def _triggered(corpus, extractor, device: Device) -> torch.Tensor:
     """Raw features of ``device``'s utterances with the trigger added to their waveforms."""
-    _, waves, _ = corpus_from_config(cfg).load_speaker(device.speaker)
+    _, waves, _ = corpus.load_speaker(device.speaker)
     if len(waves) != len(device):
         raise ValueError(f"speaker {device.speaker}: {len(waves)} waveforms but {len(device)} feature rows")
-    return extract(extractor_from_config(cfg), [_trigger(w) for w in waves])
+    return extract(extractor, [_trigger(w) for w in waves])
 
 
 def _strategy(defence: str, n: int, k: int) -> tuple[Callable | None, str | None]:
@@ -85,14 +86,6 @@ def _strategy(defence: str, n: int, k: int) -> tuple[Callable | None, str | None
     raise ValueError(f"unknown defence {defence!r}; choose from {DEFENCES}")
 
 
-def _clip(update: list[np.ndarray], norm: float | None) -> list[np.ndarray]:
-    if norm is None:
-        return update
-    total = float(np.sqrt(sum(float(np.sum(np.square(u, dtype=np.float64))) for u in update)))
-    scale = min(1.0, norm / total) if total > 0 else 1.0
-    return [(u * scale).astype(u.dtype) for u in update]
-
-
 def poisoning_audit(clean_cfg, private_cfg, ks: Sequence[int] = (0, 1, 2), attacks: Sequence[str] = ATTACKS,
                     rounds: int = 10, defences: Sequence[str] = DEFENCES, clipping_norm: float | None = None,
                     progress: Callable[[str], None] = print) -> dict:
@@ -111,8 +104,10 @@ def poisoning_audit(clean_cfg, private_cfg, ks: Sequence[int] = (0, 1, 2), attac
     if max(ks) > n:
         raise ValueError(f"k = {max(ks)} malicious devices of only {n}")
     test_y = torch.cat([d.y for d in tests])
-    test_trig = [_triggered(clean_cfg, d) for d in tests]
-    attacker_trig = {d.speaker: _triggered(clean_cfg, d) for d in honest[:max(ks)]} if "backdoor" in attacks else {}
+    corpus, extractor = corpus_from_config(clean_cfg), extractor_from_config(clean_cfg)  # built once, not per speaker
+    test_trig = [_triggered(corpus, extractor, d) for d in tests]
+    attacker_trig = ({d.speaker: _triggered(corpus, extractor, d) for d in honest[:max(ks)]}
+                     if "backdoor" in attacks else {})
 
     def measure(fed: AuditFederation, arrays) -> tuple[float, float]:
         model = fed.classifier(arrays)
@@ -141,7 +136,9 @@ def poisoning_audit(clean_cfg, private_cfg, ks: Sequence[int] = (0, 1, 2), attac
             update = fed.contribution(arrays, device, len(devices), x)
             if attack == "scaled" and i < k:
                 update = [(-BOOST * u).astype(u.dtype) for u in update]
-            return _clip(update, server_norm)
+            if server_norm is None:
+                return update
+            return [c.astype(u.dtype) for c, u in zip(clip_norm(update, server_norm), update, strict=True)]
 
         strategy_of, _ = _strategy(defence, n, k)
         return measure(fed, fed.run(devices, rounds, strategy_of=strategy_of, contribute=contribute))

@@ -82,10 +82,10 @@ def clopper_pearson(successes: int, trials: int, confidence: float = CONFIDENCE)
 def epsilon_lower_bound(true_pos: int, positives: int, false_pos: int, negatives: int, delta: float,
                         confidence: float = CONFIDENCE) -> float:
     """A lower bound on epsilon, at ``confidence``, from one test's outcomes on independent trials with
-    (``positives``) and without (``negatives``) the canary. Each tail takes half the miss probability."""
-    c = 1 - (1 - confidence) / 2  # both binomial bounds one-sided at c: together they hold with `confidence`
-    tpr_lo = clopper_pearson(true_pos, positives, 2 * c - 1)[0]
-    fpr_hi = clopper_pearson(false_pos, negatives, 2 * c - 1)[1]
+    (``positives``) and without (``negatives``) the canary. Each bound is one side of the two-sided interval at
+    ``confidence``, i.e. one-sided at ``(1 + confidence) / 2``: by the union bound both hold with ``confidence``."""
+    tpr_lo = clopper_pearson(true_pos, positives, confidence)[0]
+    fpr_hi = clopper_pearson(false_pos, negatives, confidence)[1]
     fnr_hi, tnr_lo = 1 - tpr_lo, 1 - fpr_hi
     bounds = [0.0]
     if tpr_lo - delta > 0 and fpr_hi > 0:

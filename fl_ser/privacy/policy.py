@@ -230,12 +230,19 @@ def device_policy(cfg, node_config, device_dir: str | None, cohort: int | None) 
     return base
 
 
-def clip_update(new: list[np.ndarray], old: list[np.ndarray], norm: float) -> list[np.ndarray]:
-    """``old + update * min(1, norm / ||update||_2)``: the update's L2 norm over all layers at most ``norm``."""
-    update = [np.asarray(n, dtype=np.float64) - np.asarray(o, dtype=np.float64) for n, o in zip(new, old, strict=True)]
+def clip_norm(update: list[np.ndarray], norm: float) -> list[np.ndarray]:
+    """``update * min(1, norm / ||update||_2)`` in float64: its L2 norm over all layers at most ``norm``."""
+    update = [np.asarray(u, dtype=np.float64) for u in update]
     total = math.sqrt(sum(float(np.sum(u * u)) for u in update))
     scale = min(1.0, norm / total) if total > 0 else 1.0
-    return [(np.asarray(o, dtype=np.float64) + u * scale).astype(np.asarray(n).dtype)
+    return [u * scale for u in update]
+
+
+def clip_update(new: list[np.ndarray], old: list[np.ndarray], norm: float) -> list[np.ndarray]:
+    """``old + clip_norm(new - old)``: the update's L2 norm over all layers at most ``norm``."""
+    update = clip_norm([np.asarray(n, dtype=np.float64) - np.asarray(o, dtype=np.float64)
+                        for n, o in zip(new, old, strict=True)], norm)
+    return [(np.asarray(o, dtype=np.float64) + u).astype(np.asarray(n).dtype)
             for n, o, u in zip(new, old, update, strict=True)]
 
 
