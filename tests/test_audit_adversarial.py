@@ -11,6 +11,9 @@ from experiments.audit.federation import AuditFederation, corpus_devices
 from fl_ser.privacy import normalization
 from fl_ser.task import pipeline
 
+# the audited models are tiny: one intra-op thread is ~10x faster than two that contend (conftest)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # public normalisation: the release's own normaliser is the one every device uses (with mode=local it is not)
 TINY = ("privacy=none", "model=linear", "data.num_speakers=6", "partition.num_test_speakers=2",
         "data.utterances_per_emotion=4", "privacy.normalization.mode=public")

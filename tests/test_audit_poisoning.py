@@ -10,6 +10,9 @@ import pytest
 from experiments.audit.poisoning import plot_poisoning, poisoning_audit
 from tests.conftest import make_config
 
+# the audited models are tiny: one intra-op thread is ~10x faster than two that contend (conftest)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SMALL = ("model=linear", "data.num_speakers=8", "partition.num_test_speakers=2", "data.utterances_per_emotion=6")
 
 

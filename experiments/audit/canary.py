@@ -22,8 +22,6 @@ import torch
 from experiments.audit.federation import AuditFederation, Device, flatten, summed
 from experiments.audit.stats import epsilon_lower_bound
 from fl_ser.data.corpus import SAMPLE_RATE
-from fl_ser.privacy.accountant import epsilon as accountant_epsilon
-from fl_ser.privacy.budget import planned_spend, sample_level_noise
 from fl_ser.privacy.distributed import clipped_gradient_sum
 from fl_ser.task import extract, extractor_from_config
 
@@ -69,7 +67,7 @@ def canary_audit(fed: AuditFederation, devices: Sequence[Device], rounds: int, t
     tp, fp = int((pos > threshold).sum()), int((neg > threshold).sum())
     delta = float(fed.cfg.privacy.dp_sgd.delta)
     lower = epsilon_lower_bound(tp, len(pos), fp, len(neg), delta)
-    upper = _accountant_epsilon(fed, len(with_canary), rounds, len(devices))
+    upper = fed.epsilon(len(with_canary), rounds, len(devices))
     return {"rounds": rounds, "trials_per_arm": trials, "scored_per_arm": len(pos), "true_positives": tp,
             "false_positives": fp, "threshold": threshold, "delta": delta, "epsilon_lower_bound": round(lower, 4),
             "epsilon_accountant": None if upper is None else round(upper, 4),
@@ -88,14 +86,3 @@ def _threshold(pos: np.ndarray, neg: np.ndarray) -> float:
         if value > best:
             best, best_t = value, float(t)
     return best_t
-
-
-def _accountant_epsilon(fed: AuditFederation, num_examples: int, rounds: int, cohort: int) -> float | None:
-    """What the device's ledger would record for the canary over ``rounds`` (None: no DP, no bound)."""
-    if not fed.private:
-        return None
-    cfg = fed.cfg
-    z = fed.distributed_round(cohort)[1].noise_multiplier if fed.distributed else sample_level_noise(cfg,
-                                                                                                   num_examples)
-    dp = cfg.privacy.dp_sgd
-    return accountant_epsilon(planned_spend(cfg, num_examples, z, rounds), float(dp.delta), str(dp.accountant))

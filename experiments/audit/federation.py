@@ -19,6 +19,7 @@ No ledger is written and no privacy boundary runs: the audit attacks the arithme
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,7 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 from fl_ser.data.corpus import corpus_from_config
 from fl_ser.data.partition import split_from_config
 from fl_ser.privacy import normalization
-from fl_ser.privacy.budget import distributed, distributed_settings, uniform_weights
+from fl_ser.privacy.accountant import epsilon as accountant_epsilon
+from fl_ser.privacy.budget import distributed, distributed_settings, planned_spend, sample_level_noise, uniform_weights
 from fl_ser.privacy.noise import add_gaussian
 from fl_ser.privacy.policy import clip_update
 from fl_ser.task import get_arrays, new_classifier, set_arrays, speaker_data
@@ -93,10 +95,17 @@ class AuditFederation:
         self.clipping_norm = float(priv.update_clipping.clipping_norm) if priv.update_clipping.enabled else None
         self.user_noise = float(priv.user_level.noise_multiplier) if self.clipping_norm else 0.0
         self._rounds: dict[int, tuple] = {}
+        self._template = new_classifier(cfg, len(self.labels))  # built once: building one instantiates the extractor
 
     # ------------------------------------------------------------------ device side
     def initial(self) -> Arrays:
-        return get_arrays(new_classifier(self.cfg, len(self.labels)))
+        return get_arrays(self._template)
+
+    def new_classifier(self, arrays: Arrays) -> torch.nn.Module:
+        """The experiment's classifier holding ``arrays`` (a copy of the seeded initial model, then set)."""
+        model = copy.deepcopy(self._template)
+        set_arrays(model, arrays)
+        return model
 
     def standardised(self, device: Device) -> torch.Tensor:
         """The device's features as it trains on them (its own statistics only with ``normalization=local``)."""
@@ -107,8 +116,7 @@ class AuditFederation:
         (``new - arrays``; for distributed DP, minus the DP-GD step times its share). ``x``: its standardised
         features, when the caller has them already."""
         x = self.standardised(device) if x is None else x
-        classifier = new_classifier(self.cfg, len(self.labels))
-        set_arrays(classifier, arrays)
+        classifier = self.new_classifier(arrays)
         if self.distributed:
             from fl_ser.privacy.distributed import device_share
 
@@ -137,6 +145,17 @@ class AuditFederation:
             grid = SecAggGrid(float(self.cfg.aggregation.clipping_range), int(workflow.quantization_range))
             self._rounds[cohort] = (grid, distributed_settings(self.cfg, workflow.threshold, cohort))
         return self._rounds[cohort]
+
+    def epsilon(self, num_examples: int, rounds: int, cohort: int) -> float | None:
+        """What the ledger of a device with ``num_examples`` utterances records over ``rounds`` rounds of
+        ``cohort`` devices: its utterances' epsilon at the experiment's delta (None: no DP, no bound)."""
+        if not self.private:
+            return None
+        cfg = self.cfg
+        z = (self.distributed_round(cohort)[1].noise_multiplier if self.distributed
+             else sample_level_noise(cfg, num_examples))
+        dp = cfg.privacy.dp_sgd
+        return accountant_epsilon(planned_spend(cfg, num_examples, z, rounds), float(dp.delta), str(dp.accountant))
 
     def weight(self, device: Device) -> int:
         return 1 if self.uniform or self.distributed else len(device)
@@ -188,9 +207,7 @@ class AuditFederation:
         return arrays
 
     def classifier(self, arrays: Arrays) -> torch.nn.Module:
-        model = new_classifier(self.cfg, len(self.labels))
-        set_arrays(model, arrays)
-        return model.eval()
+        return self.new_classifier(arrays).eval()
 
 
 def summed(updates: list[Arrays]) -> Arrays:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from experiments.audit.federation import AuditFederation, Device
-from experiments.audit.stats import auc, roc, tpr_at_fpr
+from experiments.audit.stats import auc, dp_roc_bound, membership_auc_bound, roc, tpr_at_fpr
 
 FPRS = (0.001, 0.01)
 
@@ -65,6 +65,14 @@ def membership_audit(fed: AuditFederation, devices: Sequence[Device], rounds: in
                      **{f"tpr_at_{f * 100:g}%_fpr": round(tpr_at_fpr(fpr, tpr, f), 4) for f in FPRS},
                      "roc": _thin(fpr, tpr)}
     out["chance"] = {"auc": 0.5, **{f"tpr_at_{f * 100:g}%_fpr": f for f in FPRS}}
+    # the DP bound, for the device whose members are least protected (a device trains on about half its data)
+    eps = [fed.epsilon(max(1, n // 2), rounds, len(devices)) for n in sizes]
+    worst = None if None in eps else max(eps)
+    delta = float(fed.cfg.privacy.dp_sgd.delta)
+    out["dp_bound"] = {"epsilon_accountant": None if worst is None else round(worst, 4), "delta": delta,
+                       "auc": round(membership_auc_bound(worst, delta), 4),
+                       **{f"tpr_at_{f * 100:g}%_fpr": round(float(dp_roc_bound(worst, delta, f)), 6)
+                          if worst is not None else 1.0 for f in FPRS}}
     return out
 
 

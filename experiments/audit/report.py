@@ -10,8 +10,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 VIEWS = (("single_update", "one device's update (plain aggregation)"),
+         ("all_rounds", "all of a device's updates (plain aggregation)"),
+         ("crafted_update", "one update of a trap model (malicious server)"),
          ("cohort_sum", "the cohort's sum (SecAgg+ / CKKS): majority sex"),
-         ("difference", "difference of two sums (malicious server, same model twice)"),
+         ("difference", "difference of two sums of a trap model (malicious server)"),
          ("release", "the released model: the federation's majority sex"))
 
 
@@ -34,7 +36,11 @@ def write_report(results: dict, run_dir: Path) -> None:
              + (" **--quick: smoke-test settings, figures too coarse to cite.**" if results["quick"] else ""),
              "", f"Timings (s): {results['timings_s']}", ""]
     lines += ["## 1. Attribute inference: a device's sex (Feng et al.)", "",
-              "Attack UAR with a 95 % bootstrap interval over speakers; chance 0.5.", "",
+              "Attack UAR with a 95 % bootstrap interval over speakers; chance 0.5. A speaker's sex is a property "
+              "of all their utterances: DP at the utterance level (DP-SGD, distributed DP) bounds it only through "
+              "group privacy over every utterance of the speaker, which is no bound at all; only speaker-level DP "
+              "(noise calibrated to one device's whole update) holds an attack to (e^eps + delta) / (1 + e^eps).",
+              "",
               "| setting | overrides | " + " | ".join(title for _, title in VIEWS) + " |",
               "|---|---|" + "---|" * len(VIEWS)]
     for name, r in results["attribute"].items():
@@ -48,6 +54,10 @@ def write_report(results: dict, run_dir: Path) -> None:
             f = r[attack]
             lines.append(f"| {name} | {attack} | {f['auc']:.3f} | {f['tpr_at_0.1%_fpr']:.4f} | "
                          f"{f['tpr_at_1%_fpr']:.4f} | {r['members']} / {r['non_members']} |")
+        b = r["dp_bound"]
+        if b["epsilon_accountant"] is not None:
+            lines.append(f"| {name} | most any attack can reach at epsilon {b['epsilon_accountant']:.2f} | "
+                         f"{b['auc']:.3f} | {b['tpr_at_0.1%_fpr']:.4f} | {b['tpr_at_1%_fpr']:.4f} | |")
     lines.append("| chance | | 0.500 | 0.0010 | 0.0100 | |")
     lines += ["", "## 3. Empirical epsilon (canary, white-box)", "",
               "| setting | rounds | trials per arm (scored) | TP / FP | epsilon lower bound (95 %) | most this many "
@@ -58,25 +68,29 @@ def write_report(results: dict, run_dir: Path) -> None:
                      f"{r['true_positives']} / {r['false_positives']} | {r['epsilon_lower_bound']:.3f} | "
                      f"{r['max_measurable']:.3f} | {acc} | {'**YES: a bug**' if r['violation'] else 'no'} |")
     pois = results["poisoning"]
-    lines += ["", "## 4. Malicious devices", "", "| attack | k of n | defence | held-out UAR | backdoor success |",
-              "|---|---|---|---|---|"]
-    for row in pois["rows"]:
-        if not row["applicable"]:
-            lines.append(f"| {row['attack']} | {row['k']} of {row['n']} | {row['defence']} | not applicable: "
-                         f"{row['reason']} | |")
-            continue
-        bd = "" if row.get("backdoor_success") is None else f"{row['backdoor_success']:.3f}"
-        lines.append(f"| {row['attack']} | {row['k']} of {row['n']} | {row['defence']} | {row['uar']:.3f} | {bd} |")
-    lines += ["", pois["secagg_note"], ""]
+    defences = list(dict.fromkeys(r["defence"] for r in pois["rows"]))
+    lines += ["", "## 4. Malicious devices", "",
+              f"Held-out UAR (and, for the backdoor, its success rate) after {pois['rounds']} rounds; k of "
+              f"{pois['rows'][0]['n']} devices malicious. Target emotion `{pois['target_emotion']}`.", "",
+              "| attack | k | " + " | ".join(defences) + " |", "|---|---|" + "---|" * len(defences)]
+    cells = {(r["attack"], r["k"], r["defence"]): r for r in pois["rows"]}
+    for attack, k in dict.fromkeys((r["attack"], r["k"]) for r in pois["rows"]):
+        if k == 0 and attack != "backdoor":
+            continue  # k = 0 is one clean federation per defence, shown once (with the trigger's base rate)
+        lines.append(f"| {'clean (trigger base rate)' if k == 0 else attack} | {k} | "
+                     + " | ".join(_poisoned(cells[attack, k, d]) for d in defences) + " |")
+    reasons = sorted({r["reason"] for r in pois["rows"] if not r["applicable"]})
+    lines += [*(["", "n/a: " + "; ".join(reasons) + "."] if reasons else []), "", pois["secagg_note"], ""]
     adv = results["adversarial"]
     lines += ["## 5. Adversarial audio (PGD, L-infinity, on the release)", "",
-              "| SNR (dB) | accuracy | UAR | flipped | lowest achieved SNR (dB) | utterances |",
-              "|---|---|---|---|---|---|"]
+              "| SNR (dB) | accuracy | UAR | flipped | random noise of the same size: accuracy | lowest achieved "
+              "SNR (dB) | utterances |", "|---|---|---|---|---|---|---|"]
     for row in adv["rows"]:
         snr = "clean" if row["snr_db"] is None else f"{row['snr_db']:g}"
         low = "" if row.get("achieved_snr_db_min") is None else f"{row['achieved_snr_db_min']:.1f}"
-        lines.append(f"| {snr} | {row['accuracy']:.3f} | {row['uar']:.3f} | {row.get('flipped', 0):.3f} | {low} | "
-                     f"{row['n']} |")
+        rnd = "" if row.get("random_accuracy") is None else f"{row['random_accuracy']:.3f}"
+        lines.append(f"| {snr} | {row['accuracy']:.3f} | {row['uar']:.3f} | {row.get('flipped', 0):.3f} | {rnd} | "
+                     f"{low} | {row['n']} |")
     lines += ["", f"Attack settings: {adv['attack']}", "",
               "Plots: `audit_membership_roc.png`, `audit_attribute.png`, `audit_poisoning.png`, "
               "`audit_adversarial.png`.", ""]
@@ -85,6 +99,12 @@ def write_report(results: dict, run_dir: Path) -> None:
     plot_attribute(results["attribute"], run_dir / "audit_attribute.png")
     plot_poisoning(pois, run_dir / "audit_poisoning.png")
     plot_adversarial(adv, run_dir / "audit_adversarial.png")
+
+
+def _poisoned(row: dict) -> str:
+    if not row["applicable"]:
+        return "n/a"
+    return f"{row['uar']:.3f}" + ("" if row.get("backdoor_success") is None else f" ({row['backdoor_success']:.2f})")
 
 
 def plot_membership(membership: dict, path: Path) -> None:

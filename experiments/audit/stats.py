@@ -8,6 +8,8 @@ attack is held to.
 * :func:`epsilon_lower_bound`: Jagielski et al. 2020 / Nasr et al. 2021. Any (epsilon, delta)-DP mechanism makes
   every test satisfy ``TPR <= e^eps FPR + delta`` (and the same for the complements), so Clopper-Pearson bounds
   on TPR and FPR from independent trials give a lower bound on epsilon that holds with the stated confidence.
+* :func:`membership_auc_bound`: the area under the largest ROC curve that inequality allows, the most AUC any
+  membership attack on one record (or a pool of records, each protected alike) can reach;
 * :func:`attribute_uar_bound`: the same inequality for a binary attribute (a speaker's sex): under
   (epsilon, delta)-DP *for the speaker* no attack's UAR exceeds ``(e^eps + delta) / (1 + e^eps)``.
 """
@@ -100,3 +102,22 @@ def attribute_uar_bound(epsilon: float, delta: float) -> float:
     if math.isinf(epsilon):
         return 1.0
     return min(1.0, (math.exp(epsilon) + delta) / (1 + math.exp(epsilon)))
+
+
+def dp_roc_bound(epsilon: float, delta: float, fpr: np.ndarray | float) -> np.ndarray:
+    """The highest TPR an (epsilon, delta)-DP mechanism lets any test reach at ``fpr``: both
+    ``TPR <= e^eps FPR + delta`` and ``1 - FPR <= e^eps (1 - TPR) + delta`` (Kairouz et al. 2015)."""
+    fpr = np.asarray(fpr, dtype=np.float64)
+    if math.isinf(epsilon):
+        return np.ones_like(fpr)
+    e = math.exp(epsilon)
+    return np.clip(np.minimum(e * fpr + delta, 1 - (1 - delta - fpr) / e), 0.0, 1.0)
+
+
+def membership_auc_bound(epsilon: float | None, delta: float, points: int = 100_001) -> float:
+    """The AUC of :func:`dp_roc_bound`'s curve (1.0 without DP). A pooled ROC over records obeys it too: at one
+    threshold its TPR and FPR are means of the records' own, and the bound is linear in them."""
+    if epsilon is None:
+        return 1.0
+    grid = np.linspace(0.0, 1.0, points)
+    return auc(grid, dp_roc_bound(epsilon, delta, grid))
