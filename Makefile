@@ -8,7 +8,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 OUT ?= outputs/bench
 
-.PHONY: run test bench soak frontier audit lint clean-venv
+.PHONY: run test bench soak frontier audit web lint clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ frontier: $(STAMP)
 # The privacy and robustness audit of an experiment (ARGS: its overrides; add --quick for a smoke test).
 audit: $(STAMP)
 	$(PY) -m experiments.audit $(ARGS)
+
+# The browser page, web/dist (committed, so serving it needs no Node): rebuild it after editing web/ (Node 20, npm).
+# Serve a release with it: python -m clients.web --release RUN_DIR/release
+web:
+	cd web && npm ci --no-audit --no-fund && npm run build
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -61,6 +61,7 @@ from fl_ser.protocol import (
     KEY_SERVER_ROUND,
     RELEASE_ARTIFACT,
     RELEASE_CONFIG_HASH,
+    RELEASE_FILES,
     RELEASE_REPORT,
     RELEASE_ROUND,
     SECURE_AGGREGATIONS,
@@ -317,15 +318,17 @@ def device_normalizer(norm, x):
 def keep_release(setup: DeviceSetup, config, labels: list[str], features, norm, run_id: int) -> None:
     """Keep the release in this device's model store and, for speaker-level normalisation, adapt it to the device.
 
-    The artifact is stored exactly as released. With ``privacy.normalization.mode`` dp or local the device
-    trained on its own statistics, so a second version has its normaliser refitted on this device's raw,
-    unlabelled ``features``: the version ``clients.predict`` uses by default. All local.
+    The release's files (every model format, its config) are stored exactly as released. With
+    ``privacy.normalization.mode`` dp or local the device trained on its own statistics, so a second version
+    has its normaliser refitted on this device's raw, unlabelled ``features``: the version ``clients.predict``
+    uses by default. All local.
     """
     from clients.model_store import ModelStore
     from clients.personalise import adapt_normaliser
 
     store = ModelStore(Path(setup.device_dir) / "model_store")
-    released = store.add(bytes(config[RELEASE_ARTIFACT]), labels,
+    files = {name: bytes(config[key]) for name, key in RELEASE_FILES.items() if key in config}
+    released = store.add(files, labels,
                          {"round": int(config[RELEASE_ROUND]), "config_hash": str(config[RELEASE_CONFIG_HASH]),
                           "run_id": int(run_id), "speaker": setup.speaker})
     adapted = adapt_normaliser(store, released.version, features) if norm.mode in ("dp", "local") else released

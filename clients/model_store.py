@@ -2,28 +2,32 @@
 
 ``root/v0001/``, ``root/v0002/``, ... each hold
 
-* ``emotion_model.pt``: TorchScript, float waveform (1, samples) at 16 kHz -> probabilities (1, C);
+* the model files of the release (:data:`fl_ser.protocol.MODEL_FILES`): ``emotion_model.onnx`` (onnxruntime),
+  ``emotion_model.pt2`` (``torch.export``) and ``emotion_model.pt`` (TorchScript), each float waveform
+  (B, samples) at 16 kHz -> probabilities (B, C); versions stored before ONNX export hold only
+  ``emotion_model.pt``, and still load;
+* ``config.yaml``: the resolved config the release was trained with, where the release carried it;
 * ``labels.json``: the class names in output order;
-* ``meta.json``: ``version``, ``round``, ``config_hash``, ``created`` (UTC, ISO 8601), ``sha256`` of the
-  artifact, then whatever else the caller recorded (run id, UAR, ``personalised_from``, ...).
+* ``meta.json``: ``version``, ``round``, ``config_hash``, ``created`` (UTC, ISO 8601), ``files`` (each
+  stored file's sha256), ``sha256`` (the TorchScript file's, as versions before ``files`` recorded it),
+  then whatever else the caller recorded (run id, UAR, ``personalised_from``, ...).
 
 A version is written into a hidden ``.tmp-*`` folder, flushed to disk and renamed into place,
 so a crash leaves either the whole version or none of it (a stray ``.tmp-*`` folder is ignored).
-Everything stays on the device. torch is imported only by :meth:`ModelStore.load`, so a process
-that just stores a released model starts fast.
+Every read (:meth:`ModelStore.read`) checks the file's recorded sha256. Everything stays on the device.
+torch is imported only by :meth:`ModelStore.load` (the TorchScript module), so a process that stores a
+released model or runs it with onnxruntime needs no torch.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
 import shutil
 import tempfile
-import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,11 +36,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-ARTIFACT = "emotion_model.pt"
+from fl_ser.protocol import MODEL_FILES, RELEASE_CONFIG_FILE
+
+ARTIFACT = MODEL_FILES["torchscript"]  # the one model file every version has had
 LABELS = "labels.json"
 META = "meta.json"
+#: The files a version may hold besides labels and meta.
+FILES = (*MODEL_FILES.values(), RELEASE_CONFIG_FILE)
 #: meta.json keys the store fills in itself.
-STORE_KEYS = ("version", "created", "sha256")
+STORE_KEYS = ("version", "created", "files", "sha256")
 #: meta.json keys every caller must give: where the model came from.
 ORIGIN_KEYS = ("round", "config_hash")
 _VERSION = re.compile(r"^v(\d{4,})$")
@@ -58,6 +66,16 @@ class StoredModel:
     @property
     def artifact(self) -> Path:
         return self.path / ARTIFACT
+
+    @property
+    def digests(self) -> dict[str, str]:
+        """Each stored file's recorded sha256 (a version from before ``files`` has only the TorchScript file)."""
+        return dict(self.meta.get("files") or {ARTIFACT: self.meta.get("sha256")})
+
+    @property
+    def formats(self) -> list[str]:
+        """The model formats this version holds (keys of :data:`~fl_ser.protocol.MODEL_FILES`)."""
+        return [fmt for fmt, name in MODEL_FILES.items() if name in self.digests]
 
 
 def _damaged(folder: Path) -> str:
@@ -116,14 +134,20 @@ class ModelStore:
             raise StoreError(f"model version {version} in {path} is damaged ({err}). {_damaged(path)}") from err
         return StoredModel(path, version, labels, meta)
 
-    def add(self, artifact: bytes, labels: Sequence[str], meta: dict[str, Any]) -> StoredModel:
-        """Store a TorchScript artifact (its bytes) as the next version; older versions are kept.
+    def add(self, files: Mapping[str, bytes], labels: Sequence[str], meta: dict[str, Any]) -> StoredModel:
+        """Store a model's files (name -> bytes, names from :data:`FILES`) as the next version; older ones are kept.
 
-        ``meta`` must give ``round`` and ``config_hash`` and may add any JSON values; the store
-        records ``version``, ``created`` and the artifact's ``sha256`` itself.
+        ``files`` must hold ``emotion_model.pt`` (TorchScript), and should hold every format of the release.
+        ``meta`` must give ``round`` and ``config_hash`` and may add any JSON values; the store records
+        ``version``, ``created`` and each file's ``sha256`` itself.
         """
-        if not artifact:
-            raise ValueError("the artifact is empty; pass the bytes of the TorchScript file (emotion_model.pt)")
+        unknown = sorted(set(files) - set(FILES))
+        if unknown:
+            raise ValueError(f"files {unknown} are not release files; a version holds only {list(FILES)}")
+        empty = sorted(name for name in FILES if name in files and not files[name])
+        if ARTIFACT not in files or empty:
+            raise ValueError(f"files must include {ARTIFACT} (TorchScript), and none may be empty (empty: {empty}); "
+                             "pass the bytes of the release folder's files")
         labels = list(labels)
         if not labels or not all(isinstance(label, str) and label for label in labels):
             raise ValueError(f"labels must be the model's class names in output order, got {labels!r}")
@@ -133,12 +157,14 @@ class ModelStore:
         absent = [key for key in ORIGIN_KEYS if key not in meta]
         if absent:
             raise ValueError(f"meta lacks {absent}: record the federated round and config hash the model came from")
+        digests = {name: hashlib.sha256(files[name]).hexdigest() for name in FILES if name in files}
         record: dict[str, Any] = {
             "version": 0,  # set below, once the version number is known
             "round": meta["round"],
             "config_hash": meta["config_hash"],
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "sha256": hashlib.sha256(artifact).hexdigest(),
+            "files": digests,
+            "sha256": digests[ARTIFACT],
         } | meta
         try:
             _json(record)
@@ -148,7 +174,8 @@ class ModelStore:
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
         try:
-            _write(staging / ARTIFACT, artifact)
+            for name in digests:
+                _write(staging / name, files[name])
             _write(staging / LABELS, _json(labels))
             while True:  # another writer may take the next number first: then try the one after
                 record["version"] = (self.versions() or [0])[-1] + 1
@@ -170,37 +197,45 @@ class ModelStore:
             os.close(directory)
         return self.get(record["version"])
 
+    def read(self, stored: StoredModel, name: str) -> bytes:
+        """The bytes of one of the version's files, checked against the sha256 recorded when it was stored."""
+        expected = stored.digests.get(name)
+        if expected is None:
+            raise StoreError(f"model version {stored.version} in {stored.path} has no {name}; it holds "
+                             f"{sorted(stored.digests)}. Fix: use a version that has it")
+        path = stored.path / name
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise StoreError(f"cannot read {path} ({err}). {_damaged(stored.path)}") from err
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != expected:
+            raise StoreError(
+                f"{path} is corrupt: its sha256 is {digest}, but {expected} was recorded "
+                f"when version {stored.version} was stored. {_damaged(stored.path)}"
+            )
+        return data
+
     def load(self, version: int | None = None) -> tuple[torch.jit.ScriptModule, list[str], dict[str, Any]]:
-        """The model (eval mode, CPU), its labels and meta; the latest version unless one is named.
+        """The TorchScript model (eval mode, CPU), its labels and meta; the latest version unless one is named.
 
         Raises :class:`StoreError` for an empty store, a missing version, or an artifact whose
         sha256 differs from the one recorded when it was stored.
         """
-        stored = self.latest() if version is None else self.get(version)
-        try:
-            data = stored.artifact.read_bytes()
-        except OSError as err:
-            raise StoreError(f"cannot read {stored.artifact} ({err}). {_damaged(stored.path)}") from err
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != stored.meta.get("sha256"):
-            raise StoreError(
-                f"{stored.artifact} is corrupt: its sha256 is {digest}, but {stored.meta.get('sha256')} was recorded "
-                f"when version {stored.version} was stored. {_damaged(stored.path)}"
-            )
-        import torch
+        from fl_ser.models.runtimes import load_torchscript
 
-        with warnings.catch_warnings():  # torch.jit's deprecation notice says nothing a device user can act on
-            warnings.filterwarnings("ignore", message=".*torch.jit.*", category=FutureWarning)
-            try:
-                model = torch.jit.load(io.BytesIO(data), map_location="cpu")
-            except RuntimeError as err:
-                raise StoreError(
-                    f"{stored.artifact} is not a loadable TorchScript model ({err}). {_damaged(stored.path)}"
-                ) from err
+        stored = self.latest() if version is None else self.get(version)
+        data = self.read(stored, ARTIFACT)
+        try:
+            model = load_torchscript(data)
+        except RuntimeError as err:
+            raise StoreError(
+                f"{stored.artifact} is not a loadable TorchScript model ({err}). {_damaged(stored.path)}"
+            ) from err
         scripted = list(getattr(model, "labels", stored.labels))
         if scripted != stored.labels:
             raise StoreError(
                 f"{stored.path}: the model's own labels {scripted} differ from {LABELS} {stored.labels}. "
                 f"{_damaged(stored.path)}"
             )
-        return model.eval(), stored.labels, stored.meta
+        return model, stored.labels, stored.meta

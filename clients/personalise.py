@@ -23,21 +23,21 @@ The model personalised is the store's latest *global* version (one without ``per
    global model and the split sizes. It is saved even when the gain is negative (the meta says
    so); the held-out part is small, so the gain is a noisy estimate.
 
-The model is a scripted ``EmotionPipeline`` (``extractor``, ``normalizer`` with buffers
-``mean``/``std``, ``classifier``). Its parameters can be fine-tuned in place (``requires_grad_``
-on the scripted head's parameters, then backward), but every step would rerun the frozen rest
-of the classifier: for the CNN that is over half a second per step on 60 utterances. Instead the
-head's inputs are computed once (:func:`head_inputs`), the head is trained as a plain tensor
-pair and copied back with ``copy_``, as are the normaliser's buffers; the saved artifact keeps
-``requires_grad`` False. Nothing leaves the device; the split's seed is the only randomness.
+The model is rebuilt as the eager ``EmotionPipeline`` it was released from (``extractor``,
+``normalizer`` with buffers ``mean``/``std``, ``classifier``): the version's ``config.yaml`` gives
+the modules, its TorchScript file their weights (:func:`eager_model`). The head's inputs are computed
+once (:func:`head_inputs`), the head is trained as a plain tensor pair and copied back with ``copy_``,
+as are the normaliser's buffers; the new version is exported and checked in every release format by
+:mod:`fl_ser.models.export`, like a release. Versions stored before releases carried ``config.yaml``
+load and predict, but cannot be personalised. Nothing leaves the device; the split's seed is the only
+randomness.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import sys
-import warnings
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,11 +48,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from clients.cli import EXIT_OK, fail, table, to_json
-from clients.model_store import ModelStore, StoredModel, StoreError
+from clients.model_store import ARTIFACT, ModelStore, StoredModel, StoreError
 from fl_ser.data.corpus import CorpusError
 from fl_ser.data.loaders import DeviceFolder
-from fl_ser.features.normalize import FeatureNormalizer
+from fl_ser.features.normalize import FeatureNormalizer, UtteranceNormalizer
 from fl_ser.metrics import classification_report
+from fl_ser.models.export import export_formats
+from fl_ser.models.pipeline import EmotionPipeline
+from fl_ser.models.runtimes import load_torchscript
+from fl_ser.protocol import RELEASE_CONFIG_FILE
 from fl_ser.task import extract
 
 #: meta.json keys a personalised version takes over from the model it started from (where it came from).
@@ -84,6 +88,44 @@ def stratified_split(y: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarr
     if not held:
         raise CorpusError("too few recordings to hold any out: record at least two of an emotion")
     return np.array(sorted(adapt)), np.array(sorted(held))
+
+
+def eager_model(store: ModelStore, version: int) -> tuple[EmotionPipeline, list[str], dict]:
+    """The stored version as the eager pipeline it was exported from, its labels and meta.
+
+    The modules come from the version's ``config.yaml`` (features, model, labels), the normaliser's
+    settings and every weight and buffer from its TorchScript file (``load_state_dict``, strict).
+    """
+    from omegaconf import OmegaConf
+
+    from fl_ser.task import new_classifier, pipeline
+
+    stored = store.get(version)
+    if RELEASE_CONFIG_FILE not in stored.digests:
+        raise StoreError(
+            f"model v{version:04d} in {store.root} holds no {RELEASE_CONFIG_FILE} (it was stored before releases "
+            "carried one), so it cannot be rebuilt and exported. Fix: personalise a version received since"
+        )
+    cfg = OmegaConf.create(store.read(stored, RELEASE_CONFIG_FILE).decode())
+    scripted = load_torchscript(store.read(stored, ARTIFACT))
+    norm = scripted.normalizer
+    shape = tuple(int(s) for s in norm.shape)
+    normalizer = (UtteranceNormalizer(shape, str(norm.kind), float(norm.min_std))
+                  if norm.original_name == "UtteranceNormalizer"
+                  else FeatureNormalizer(shape, str(norm.kind), float(norm.min_std), float(norm.bound)))
+    model = pipeline(cfg, new_classifier(cfg, len(stored.labels)), normalizer, stored.labels)
+    state = scripted.state_dict()  # TorchScript's holds the non-persistent buffers too (e.g. DFT bases)
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    derived = [name for name in own if name not in model.state_dict()]
+    differ = sorted(set(own) ^ set(state)) or [name for name in derived if not torch.equal(own[name], state[name])]
+    if differ:
+        raise StoreError(
+            f"model v{version:04d} in {store.root} is not the model its {RELEASE_CONFIG_FILE} builds with this "
+            f"version of fl-ser (they differ in {differ[:4]}). Fix: personalise with the fl-ser version the release "
+            "was made with, or let the device receive a new release"
+        )
+    model.load_state_dict({name: state[name] for name in model.state_dict()}, strict=True)
+    return model.eval().requires_grad_(False), stored.labels, stored.meta
 
 
 def classifier_head(classifier: nn.Module) -> nn.Module:
@@ -123,7 +165,7 @@ def head_inputs(classifier: nn.Module, head: nn.Module, x: torch.Tensor) -> torc
 
 @torch.no_grad()
 def refit_normalizer(normalizer: nn.Module, x: torch.Tensor) -> None:
-    """Set the (scripted) normaliser's mean/std to those of ``x``, exactly as FeatureNormalizer.fit computes them."""
+    """Set the normaliser's mean/std to those of ``x``, exactly as FeatureNormalizer.fit computes them."""
     fitted = FeatureNormalizer(tuple(x.shape[1:]), str(normalizer.kind), float(normalizer.min_std)).fit(x)
     normalizer.mean.copy_(fitted.mean)
     normalizer.std.copy_(fitted.std)
@@ -182,13 +224,7 @@ def personalise(
     honest: another split would hold out recordings that an earlier head was trained on.
     """
     check_settings(holdout, epochs, lr)
-    model, labels, source = store.load(latest_global(store))
-    parts = [name for name in ("extractor", "normalizer", "classifier") if not hasattr(model, name)]
-    if parts:
-        raise StoreError(
-            f"model v{source['version']:04d} in {store.root} lacks {parts}: only an exported EmotionPipeline "
-            "(extractor, normalizer, classifier) can be personalised"
-        )
+    model, labels, source = eager_model(store, latest_global(store))
     corpus = DeviceFolder(folder, emotions=labels)
     utterances, waves, loaded = corpus.load_speaker(corpus.speaker)
     if not utterances:
@@ -216,16 +252,17 @@ def personalise(
         "settings": {"holdout": holdout, "epochs": epochs, "lr": lr, "seed": seed, "final_loss": final_loss},
         "unusable_files": loaded.skipped,
     }
-    return save_version(store, model, labels, meta)
+    return save_version(store, model, source["version"], meta)
 
 
-def save_version(store: ModelStore, model: torch.jit.ScriptModule, labels: Sequence[str], meta: dict) -> StoredModel:
-    """Store a (modified) scripted model as the next version."""
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():  # torch.jit's deprecation notice says nothing a device user can act on
-        warnings.filterwarnings("ignore", message=".*torch.jit.*", category=FutureWarning)
-        torch.jit.save(model, buffer)
-    return store.add(buffer.getvalue(), labels, meta)
+def save_version(store: ModelStore, model: EmotionPipeline, source: int, meta: dict) -> StoredModel:
+    """Export a (modified) pipeline in every release format, checked, and store it as the next version, with the
+    config of version ``source`` (the one it was rebuilt from)."""
+    config = store.read(store.get(source), RELEASE_CONFIG_FILE)
+    with tempfile.TemporaryDirectory(prefix="fl-ser-personalised-") as folder:
+        exported = export_formats(model, folder)
+        files = {path.name: path.read_bytes() for path in exported.files.values()}
+    return store.add(files | {RELEASE_CONFIG_FILE: config}, model.labels, meta)
 
 
 def adapt_normaliser(store: ModelStore, version: int, features: torch.Tensor) -> StoredModel:
@@ -234,12 +271,12 @@ def adapt_normaliser(store: ModelStore, version: int, features: torch.Tensor) ->
     This is how the device used the global classifier during federated training (its own feature
     statistics), so it is the version a device should predict with; the release as received stays stored.
     """
-    model, labels, source = store.load(version)
+    model, _, source = eager_model(store, version)
     refit_normalizer(model.normalizer, features)
     meta = {key: source[key] for key in INHERITED if key in source}
     meta |= {"adapted_from": source["version"], "adaptation": "normaliser refitted on this device's recordings",
              "adaptation_size": len(features)}
-    return save_version(store, model, labels, meta)
+    return save_version(store, model, source["version"], meta)
 
 
 def summary(stored: StoredModel) -> str:

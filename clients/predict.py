@@ -1,7 +1,7 @@
 """Emotions of recordings from a stored model, on the device: per file, or scored against a participant's labels.
 
-    python -m clients.predict --store STORE_DIR [--version N] FILE_OR_FOLDER [--json]
-    python -m clients.predict --store STORE_DIR [--version N] --evaluate DATA_DIR [--json]
+    python -m clients.predict --store STORE_DIR [--version N] [--runtime R] FILE_OR_FOLDER [--json]
+    python -m clients.predict --store STORE_DIR [--version N] [--runtime R] --evaluate DATA_DIR [--json]
     python -m clients.predict --store STORE_DIR --fhe URL FILE_OR_FOLDER [--evaluate] [--json]
 
 For each WAV file (a folder is searched recursively) it prints the top emotion and the
@@ -10,6 +10,12 @@ With ``--evaluate``, DATA_DIR is a participant folder (WAV files plus ``labels.c
 ``clients.validate``) and the model is scored against its labels: UAR, accuracy, macro-F1,
 recall per class and the confusion matrix; recordings of emotions the model does not know are
 left out. The model is the store's latest version unless ``--version`` names one.
+
+The model runs under the best runtime present (:mod:`fl_ser.models.runtimes`): onnxruntime
+(``emotion_model.onnx``, no torch needed), else torch (``emotion_model.pt2``), else TorchScript
+(``emotion_model.pt``, the only file of versions stored before the other formats existed).
+``--runtime onnxruntime|torch|torchscript`` chooses one; a runtime that is not installed, or a
+version without its file, is an error that says what to install or choose instead.
 
 With ``--fhe URL`` the classifier runs on an inference server (``python -m server.inference_service``)
 that sees only ciphertexts: the device computes the features and normalisation itself, encrypts
@@ -34,18 +40,18 @@ from typing import TYPE_CHECKING
 
 from clients.cli import EXIT_FAILED, EXIT_OK, fail, table, to_json
 from clients.fhe_client import FHEClient, FHEError
-from clients.model_store import ModelStore, StoreError
+from clients.model_store import ModelStore, StoredModel, StoreError
 from fl_ser.data.audio import AudioError, read_audio
 from fl_ser.data.corpus import CorpusError
 from fl_ser.data.loaders import DeviceFolder, wav_files
 from fl_ser.metrics import classification_report
+from fl_ser.models.runtimes import RUNTIMES, Run, RuntimeMissing, file_of, installed, open_model, require
 
 #: The device's CKKS keys for encrypted inference, inside its model store.
 FHE_KEY_DIR = "fhe"
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 
 #: A waveform (16 kHz, mono, float) -> the probability of each class.
 Classify = Callable[["np.ndarray"], Sequence[float]]
@@ -65,13 +71,11 @@ class Failure:
     detail: str
 
 
-def local_classifier(model: torch.jit.ScriptModule, labels: Sequence[str]) -> Classify:
-    """The stored TorchScript model as a :data:`Classify`, checked to give one probability per label."""
-    import torch
+def _checked(run: Run, labels: Sequence[str]) -> Classify:
+    """``run`` on one waveform, checked to give one probability per label."""
 
     def classify(wave: np.ndarray) -> list[float]:
-        with torch.no_grad():
-            probs = model(torch.from_numpy(wave)[None])
+        probs = run(wave[None])
         if tuple(probs.shape) != (1, len(labels)):
             raise StoreError(
                 f"the model returned shape {tuple(probs.shape)} for one waveform, but its labels "
@@ -80,6 +84,57 @@ def local_classifier(model: torch.jit.ScriptModule, labels: Sequence[str]) -> Cl
         return [float(p) for p in probs[0]]
 
     return classify
+
+
+def onnx_classifier(data: bytes, labels: Sequence[str]) -> Classify:
+    """The stored ONNX model (``emotion_model.onnx``) under onnxruntime as a :data:`Classify`."""
+    return _checked(open_model("onnxruntime", data), labels)
+
+
+def program_classifier(data: bytes, labels: Sequence[str]) -> Classify:
+    """The stored ``torch.export`` program (``emotion_model.pt2``) under torch as a :data:`Classify`."""
+    return _checked(open_model("torch", data), labels)
+
+
+def torchscript_classifier(data: bytes, labels: Sequence[str]) -> Classify:
+    """The stored TorchScript model (``emotion_model.pt``) as a :data:`Classify`."""
+    return _checked(open_model("torchscript", data), labels)
+
+
+#: One function per runtime (:data:`~fl_ser.models.runtimes.RUNTIMES`, in order of preference).
+CLASSIFIERS = {"onnxruntime": onnx_classifier, "torch": program_classifier, "torchscript": torchscript_classifier}
+
+
+def choose_runtime(stored: StoredModel, runtime: str | None = None) -> str:
+    """``runtime`` if it can run this version here, else (None) the first of :data:`CLASSIFIERS` that can.
+
+    Raises :class:`StoreError` when the version lacks the chosen runtime's file and
+    :class:`~fl_ser.models.runtimes.RuntimeMissing` when its package is not installed.
+    """
+    held = sorted(stored.digests)
+    if runtime is not None:
+        if file_of(runtime) not in held:
+            usable = [r for r in CLASSIFIERS if file_of(r) in held]
+            raise StoreError(
+                f"model v{stored.version:04d} in {stored.path.parent} has no {file_of(runtime)} for --runtime "
+                f"{runtime} (it holds {held}). Fix: use --runtime {' or '.join(usable)}, or a version released "
+                "since fl-ser exports every format"
+            )
+        require(runtime)
+        return runtime
+    for candidate in CLASSIFIERS:
+        if file_of(candidate) in held and installed(candidate):
+            return candidate
+    raise RuntimeMissing(
+        f"no runtime installed here can run model v{stored.version:04d} in {stored.path.parent} (it holds {held}). "
+        "Fix: pip install onnxruntime (fl-ser[device]) for emotion_model.onnx, or torch for emotion_model.pt2 "
+        "and emotion_model.pt"
+    )
+
+
+def stored_classifier(store: ModelStore, stored: StoredModel, runtime: str) -> Classify:
+    """The version's model under ``runtime`` (its file checked against the sha256 recorded) as a :data:`Classify`."""
+    return CLASSIFIERS[runtime](store.read(stored, file_of(runtime)), stored.labels)
 
 
 def predict_files(
@@ -163,12 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("target", metavar="FILE_OR_FOLDER", help="a WAV file, or a folder of them")
     parser.add_argument("--evaluate", action="store_true", help="score the model on a participant folder's labels")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--runtime", choices=list(RUNTIMES), help="run the model with this runtime "
+                        "(default: the first installed of onnxruntime, torch, torchscript whose file the version has)")
     parser.add_argument("--fhe", metavar="URL", help="classify encrypted on this inference server "
                         "(python -m server.inference_service); features and key stay on the device")
     args = parser.parse_args(argv)
     target = Path(args.target).expanduser()
     if not target.exists():
         parser.error(f"{target} does not exist")
+    if args.fhe and args.runtime:
+        parser.error("--runtime chooses how the device runs the whole model; with --fhe the server runs the "
+                     "classifier: give one of them")
     if args.evaluate and not target.is_dir():
         parser.error(f"--evaluate needs a participant folder (WAV files plus labels.csv), not the file {target}")
     files = wav_files(target, recursive=True) if target.is_dir() else [target]
@@ -176,14 +236,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{target} holds no .wav files; give a WAV file or a folder of them")
     try:
         store = ModelStore(args.store)
-        model, labels, meta = store.load(args.version)
         with contextlib.ExitStack() as stack:
             if args.fhe:
+                model, labels, meta = store.load(args.version)
                 client = stack.enter_context(FHEClient(args.fhe, store.root / FHE_KEY_DIR))
                 client.check_release(labels, meta["sha256"])
                 classify = client.classifier(model)
             else:
-                classify = local_classifier(model, labels)
+                stored = store.latest() if args.version is None else store.get(args.version)
+                labels, meta = stored.labels, stored.meta
+                runtime = choose_runtime(stored, args.runtime)
+                classify = stored_classifier(store, stored, runtime)
             if args.evaluate:
                 evaluation = evaluate_folder(classify, labels, target)
                 failures = evaluation.failures
@@ -192,13 +255,12 @@ def main(argv: list[str] | None = None) -> int:
                 predictions, failures = predict_files(classify, labels, files, target if target.is_dir() else None)
                 output = to_json([asdict(p) for p in predictions]) if args.json else _prediction_table(predictions,
                                                                                                         labels)
-    except (StoreError, FHEError) as err:
+    except (StoreError, FHEError, RuntimeMissing) as err:
         return fail(err)
     except CorpusError as err:  # only a participant folder's labels.csv raises it
         return fail(err, folder=target)
     heading = f"model v{meta['version']:04d} (round {meta['round']}) from {args.store}"
-    if args.fhe:
-        heading += f", classified encrypted by {args.fhe}"
+    heading += f", classified encrypted by {args.fhe}" if args.fhe else f", run by {runtime}"
     if args.evaluate and "personalised_from" in meta:
         heading += (
             f"\nnote: this model was personalised on {meta['adaptation_size']} recordings, perhaps of this folder, "

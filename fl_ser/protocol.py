@@ -20,8 +20,16 @@ KEY_PROXIMAL_MU = "proximal_mu"  # FedProx (flwr.server.strategy.FedProx sends i
 #: total against anyone who sees this device's own update (differs from the total only under distributed DP).
 EPSILON_METRICS = ("epsilon", "epsilon_run", "epsilon_normalization", "epsilon_training", "epsilon_local")
 
+#: The release's model files by format (fl_ser/models/export.py writes them, fl_ser/models/runtimes.py runs them):
+#: one model three times. Releases made before ONNX export hold only the TorchScript file.
+MODEL_FILES = {"onnx": "emotion_model.onnx", "pt2": "emotion_model.pt2", "torchscript": "emotion_model.pt"}
+RELEASE_CONFIG_FILE = "config.yaml"  # the resolved config the release was trained with (public)
+
 #: Evaluate-config keys of the release message (server/release.py sends them after the last round).
-RELEASE_ARTIFACT = "fl-ser.release.artifact"
+RELEASE_ARTIFACT = "fl-ser.release.artifact"  # the TorchScript file: its presence marks the release message
+#: Each release file and the key its bytes travel under (a format the release lacks is left out).
+RELEASE_FILES = {MODEL_FILES["torchscript"]: RELEASE_ARTIFACT, MODEL_FILES["onnx"]: "fl-ser.release.onnx",
+                 MODEL_FILES["pt2"]: "fl-ser.release.pt2", RELEASE_CONFIG_FILE: "fl-ser.release.config"}
 RELEASE_ROUND = "fl-ser.release.round"
 RELEASE_CONFIG_HASH = "fl-ser.release.config_hash"
 RELEASE_REPORT = "fl-ser.release.report"  # False: store the release, send no metrics back

@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import logging
 import threading
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,9 +78,9 @@ class Release:
 def load_release(release_dir: str | Path) -> Release:
     """The classifier of a release folder (``emotion_model.pt``, ``labels.json``, ``config.yaml``; server.release):
     rebuilt from its config and given the artifact's own classifier weights."""
-    import torch
     from omegaconf import OmegaConf
 
+    from fl_ser.models.runtimes import load_torchscript
     from fl_ser.task import new_classifier
 
     root = Path(release_dir).expanduser()
@@ -94,9 +92,7 @@ def load_release(release_dir: str | Path) -> Release:
     data = files["emotion_model.pt"].read_bytes()
     labels = json.loads(files["labels.json"].read_text())
     cfg = OmegaConf.load(files["config.yaml"])
-    with warnings.catch_warnings():  # torch.jit's deprecation notice says nothing an operator can act on
-        warnings.filterwarnings("ignore", message=".*torch.jit.*", category=FutureWarning)
-        artifact = torch.jit.load(io.BytesIO(data), map_location="cpu")  # the bytes whose sha256 is served
+    artifact = load_torchscript(data)  # the bytes whose sha256 is served
     classifier = new_classifier(cfg, len(labels))
     try:
         classifier.load_state_dict(artifact.classifier.state_dict())

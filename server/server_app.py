@@ -161,8 +161,9 @@ def run_server(grid, context, cfg: DictConfig) -> dict:
             log.error("no round aggregated any update: no release is made (README 'When things go wrong')")
         return recorder.write_summary(summary)
     loss, report = evaluator(final)
-    release = release_model(cfg, final, evaluator.normalization.published(), run_dir / "release")
-    devices = deploy_and_collect(grid, cfg, final, Path(release["path"]), rounds) if cfg.release.deploy else []
+    probe = corpus.load_speaker(split.test[0])[1][:2] if split.test else []  # real audio the formats are checked on
+    release = release_model(cfg, final, evaluator.normalization.published(), run_dir / "release", waves=probe)
+    devices = deploy_and_collect(grid, cfg, final, Path(release["dir"]), rounds) if cfg.release.deploy else []
     summary.update({
         "uar": report["uar"], "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
         "uar_by_group": report.get("uar_by_group"), "recall": report["recall"], "loss": loss,

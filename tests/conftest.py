@@ -17,7 +17,11 @@ EMODB = REPO.parent / "shared" / "datasets" / "emodb"
 
 #: The local-DP-SGD experiment most tests exercise (fl-ser's defaults before privacy=distributed became the default):
 #: each applies unless a test chooses that key itself. The distributed default has its own tests.
-LOCAL_STACK = ("privacy=full", "model=mlp", "rounds=20")
+#: release.formats: a run's release is TorchScript only unless a test asks for the other formats (their export and
+#: checks take ~25 s; tests/test_release_formats.py and the main job's e2e test check them).
+LOCAL_STACK = ("privacy=full", "model=mlp", "rounds=20", "release.formats=[torchscript]")
+#: The override for a test that checks every release format.
+ALL_FORMATS = "release.formats=[onnx,pt2,torchscript]"
 
 
 def local_stack(overrides) -> list[str]:

@@ -11,9 +11,16 @@ def test_on_device_benchmarks_run(tmp_path):
                       "data.utterances_per_emotion=2")
     dp = local.dp_sgd_overhead(cfg)
     assert dp["dp_sgd_overhead"] > 0 and dp["epoch_examples"] == 14
-    assert set(local.feature_rtf(seconds=0.5)) == {"logmel", "mfcc", "functionals"}
-    latency = local.release_latency(cfg)
-    assert latency["float"]["mb"] > 0 and latency["int8"]["ms_3s"] > 0
+    assert set(local.feature_rtf(seconds=0.5, repeats=1)) == {"logmel", "mfcc", "functionals"}
+    latency = local.release_latency(cfg, repeats=1)
+    assert set(latency["mb"]) == {"onnx", "pt2", "torchscript"} and min(latency["mb"].values()) > 0
+    assert latency["eager"]["rtf"] > 0 and latency["onnxruntime"]["rtf"] > 0 and latency["int8"]["ms_3s"] > 0
+    assert latency["onnx_vs_torch"] == latency["onnxruntime"]["ms_3s"] / latency["eager"]["ms_3s"]
+    rows = local.speed_rows({"feature_rtf": {"functionals": {"eager": 900.0}}, "release": latency,
+                             "release_logmel_cnn": latency})
+    assert rows[0] == {"measure": "feature real-time factor, functionals, eager (1 core)", "value": 900.0,
+                       "target": ">= 1000", "met": False}
+    assert all(r["met"] is None or isinstance(r["met"], bool) for r in rows)
     int8 = local.int8_accuracy(make_config(tmp_path, "data.num_speakers=4", "partition.num_test_speakers=1",
                                            "data.utterances_per_emotion=2", "rounds=2"))
     assert 0 <= int8["uar_int8"] <= 1 and int8["uar_change"] == int8["uar_int8"] - int8["uar_float"]

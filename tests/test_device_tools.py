@@ -19,11 +19,13 @@ from clients.model_store import ModelStore, StoreError
 from fl_ser.data.corpus import SAMPLE_RATE, CorpusError
 from fl_ser.data.loaders import DeviceFolder
 from fl_ser.data.synthetic import SyntheticCorpus
-from fl_ser.features import FeatureNormalizer, Functionals
+from fl_ser.features import FeatureNormalizer
 from fl_ser.metrics import classification_report
-from fl_ser.models import MLP, EmotionPipeline
-from fl_ser.task import extract
+from fl_ser.models import MLP
+from fl_ser.task import extract, extractor_from_config, get_arrays, new_classifier
 from fl_ser.training import LocalTrainConfig, train_local
+from server.release import release_model
+from tests.conftest import ALL_FORMATS, make_config
 
 LABELS = ["anger", "happiness", "sadness", "neutral"]
 ALIASES = {"anger": "Angry", "happiness": "happy", "sadness": "SAD", "neutral": "neutral"}  # as people write them
@@ -40,9 +42,12 @@ def corpus() -> SyntheticCorpus:
 
 
 @pytest.fixture(scope="module")
-def artifact(corpus, tmp_path_factory) -> bytes:
-    """A global model as the server releases it: trained on 4 speakers, each standardised with its own statistics."""
-    extractor = Functionals().eval()
+def release(corpus, tmp_path_factory) -> dict[str, bytes]:
+    """A global model as the server releases it (server.release: every format and its config), trained on 4
+    speakers, each standardised with its own statistics: file name -> bytes."""
+    cfg = make_config(tmp_path_factory.mktemp("config"), "features=functionals", "model=mlp", ALL_FORMATS)
+    cfg.labels = LABELS
+    extractor = extractor_from_config(cfg)
     raw, normed, targets = [], [], []
     for speaker in corpus.speakers[:4]:
         utts, waves, _ = corpus.load_speaker(speaker)
@@ -50,11 +55,12 @@ def artifact(corpus, tmp_path_factory) -> bytes:
         raw.append(x)
         normed.append(FeatureNormalizer((74,), "vector").fit(x)(x))
         targets.append(torch.tensor([corpus.label_of(u) for u in utts]))
-    classifier = MLP([74], len(LABELS), hidden=[16])
+    classifier = new_classifier(cfg, len(LABELS))
     train_local(classifier, torch.cat(normed), torch.cat(targets), LocalTrainConfig(epochs=150, lr=0.1))
     pooled = FeatureNormalizer((74,), "vector").fit(torch.cat(raw))
-    path = EmotionPipeline(extractor, pooled, classifier, LABELS).export(tmp_path_factory.mktemp("release") / "m.pt")
-    return path.read_bytes()
+    folder = tmp_path_factory.mktemp("release") / "release"
+    release_model(cfg, get_arrays(classifier), pooled, folder)
+    return {name: (folder / name).read_bytes() for name in model_store.FILES if (folder / name).exists()}
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +84,9 @@ def participant(recordings, tmp_path) -> Path:
 
 
 @pytest.fixture
-def store(artifact, tmp_path) -> ModelStore:
+def store(release, tmp_path) -> ModelStore:
     store = ModelStore(tmp_path / "store")
-    store.add(artifact, LABELS, META)
+    store.add(release, LABELS, META)
     return store
 
 
@@ -211,15 +217,17 @@ def test_validate_cli_json_and_exit_statuses(participant, capsys):
 
 
 # -- the model store ----------------------------------------------------------------------------
-def test_store_keeps_versions_and_loads_the_latest(artifact, tmp_path):
+def test_store_keeps_versions_and_loads_the_latest(release, tmp_path):
     store = ModelStore(tmp_path / "store")
-    first = store.add(artifact, LABELS, META)
-    second = store.add(artifact, LABELS, {**META, "round": 21, "uar": 0.5})
+    first = store.add(release, LABELS, META)
+    second = store.add(release, LABELS, {**META, "round": 21, "uar": 0.5})
     assert store.versions() == [1, 2] and sorted(p.name for p in store.root.iterdir()) == ["v0001", "v0002"]
     assert (first.version, second.version, store.latest().version) == (1, 2, 2)
-    assert first.path == store.root / "v0001" and (first.path / "emotion_model.pt").read_bytes() == artifact
+    assert first.path == store.root / "v0001"
+    assert all((first.path / name).read_bytes() == data for name, data in release.items())
     meta = json.loads((second.path / "meta.json").read_text())
-    assert list(meta)[:5] == ["version", "round", "config_hash", "created", "sha256"]
+    assert list(meta)[:6] == ["version", "round", "config_hash", "created", "files", "sha256"]
+    assert sorted(meta["files"]) == sorted(release) and meta["sha256"] == meta["files"]["emotion_model.pt"]
     assert meta["version"] == 2 and meta["round"] == 21 and meta["uar"] == 0.5 and meta["run_id"] == 7
     assert meta["created"].endswith("+00:00") and len(meta["sha256"]) == 64
     assert json.loads((second.path / "labels.json").read_text()) == LABELS
@@ -249,19 +257,21 @@ def test_store_errors_for_an_empty_store_and_a_missing_version(store, tmp_path):
         store.load(5)
 
 
-def test_store_rejects_bad_arguments(store, artifact):
+def test_store_rejects_bad_arguments(store, release):
     with pytest.raises(ValueError, match=r"\['version', 'sha256'\] are filled in by the store"):
-        store.add(artifact, LABELS, {**META, "version": 3, "sha256": "x"})
+        store.add(release, LABELS, {**META, "version": 3, "sha256": "x"})
     with pytest.raises(ValueError, match=r"lacks \['config_hash'\]"):
-        store.add(artifact, LABELS, {"round": 1})
+        store.add(release, LABELS, {"round": 1})
     with pytest.raises(ValueError, match="JSON values"):
-        store.add(artifact, LABELS, {**META, "when": object()})
-    with pytest.raises(ValueError, match="empty"):
-        store.add(b"", LABELS, META)
+        store.add(release, LABELS, {**META, "when": object()})
+    with pytest.raises(ValueError, match=r"must include emotion_model\.pt .*empty: \['emotion_model\.pt'\]"):
+        store.add({**release, "emotion_model.pt": b""}, LABELS, META)
+    with pytest.raises(ValueError, match=r"\['notes\.txt'\] are not release files"):
+        store.add({**release, "notes.txt": b"x"}, LABELS, META)
     assert store.versions() == [1]
 
 
-def test_store_write_is_atomic(store, artifact, monkeypatch):
+def test_store_write_is_atomic(store, release, monkeypatch):
     real_write = model_store._write
 
     def crash_on_meta(path, data):
@@ -271,10 +281,10 @@ def test_store_write_is_atomic(store, artifact, monkeypatch):
 
     monkeypatch.setattr(model_store, "_write", crash_on_meta)
     with pytest.raises(OSError, match="disk full"):
-        store.add(artifact, LABELS, META)
+        store.add(release, LABELS, META)
     assert [p.name for p in store.root.iterdir()] == ["v0001"]  # no half version, no staging folder left
     monkeypatch.setattr(model_store, "_write", real_write)
-    assert store.add(artifact, LABELS, META).version == 2
+    assert store.add(release, LABELS, META).version == 2
 
 
 # -- prediction ---------------------------------------------------------------------------------
@@ -402,6 +412,21 @@ def test_device_tools_import_no_federation_code_and_the_store_no_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_device_path_imports_where_torch_cannot_be_imported():
+    """predict, validate and the store on a device without torch (or Hydra): import them with those blocked."""
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'torchaudio', 'hydra', 'omegaconf', 'tenseal', 'flwr', 'opacus'):\n"
+        "    sys.modules[name] = None  # import of any of them now raises ImportError\n"
+        "import clients.model_store, clients.predict, clients.validate, fl_ser.models.runtimes\n"
+        "from fl_ser.models.runtimes import installed\n"
+        "print(installed('onnxruntime'), installed('torch'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False"]  # a torch that cannot be imported counts as absent
 
 
 def test_adapted_version_standardises_with_the_devices_own_statistics(store, participant):

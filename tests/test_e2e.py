@@ -9,13 +9,19 @@ import torch
 
 from experiments.train import run
 from fl_ser.privacy.boundary import EVALUATE_METRICS, TRAIN_METRICS
-from tests.conftest import EMODB, make_config, needs_emodb
+from tests.conftest import ALL_FORMATS, EMODB, make_config, needs_emodb
 
 SUMMARY_KEYS = {"uar", "accuracy", "macro_f1", "uar_by_group", "epsilon_sample_max", "epsilon_user", "delta", "rounds",
                 "wall_s", "num_devices", "num_test_speakers", "num_utterances"}
 
 
-def check_release(run_dir, num_classes):
+def check_release(run_dir, num_classes, formats):
+    from fl_ser.protocol import MODEL_FILES
+
+    names = {p.name for p in (run_dir / "release").iterdir()}
+    assert names == {MODEL_FILES[f] for f in formats} | {"labels.json", "config.yaml"}
+    summary = json.loads((run_dir / "summary.json").read_text())["release"]
+    assert not summary["unavailable"] and all(d <= 1e-4 for d in summary["max_difference"].values())
     model = torch.jit.load(str(run_dir / "release" / "emotion_model.pt"))
     labels = json.loads((run_dir / "release" / "labels.json").read_text())
     assert len(labels) == num_classes
@@ -27,7 +33,7 @@ def check_release(run_dir, num_classes):
 @pytest.mark.slow
 def test_synthetic_full_privacy_stack_and_the_boundary_audit(tmp_path):
     audit = tmp_path / "audit"
-    cfg = make_config(tmp_path, "data.num_speakers=7", "partition.num_test_speakers=2", "rounds=3",
+    cfg = make_config(tmp_path, "data.num_speakers=7", "partition.num_test_speakers=2", "rounds=3", ALL_FORMATS,
                       f"privacy.audit_dir={audit}", "privacy.user_level.noise_multiplier=0.5",
                       "privacy.user_level.placement=distributed")
     summary = run(cfg)
@@ -40,7 +46,7 @@ def test_synthetic_full_privacy_stack_and_the_boundary_audit(tmp_path):
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4  # round 0 (initial model) + 3
     for name in ("config.yaml", "metrics.csv", "plots/rounds.png", "plots/confusion.png", "checkpoints/round_003.npz"):
         assert (run_dir / name).exists(), name
-    check_release(run_dir, len(cfg.labels))
+    check_release(run_dir, len(cfg.labels), cfg.release.formats)
     assert len(summary["device_reports"]) == 5
 
     # The privacy boundary, observed: every reply of every device, all of which the boundary mod checked.
@@ -70,7 +76,7 @@ def test_emodb_federated_speaker_independent(tmp_path):
     assert summary["num_devices"] == 8 and summary["num_test_speakers"] == 2
     assert summary["epsilon_sample_max"] is None and summary["epsilon_user"] is None
     assert summary["uar"] > 0.4  # chance is 1/7; a learning federation is far above it
-    check_release(tmp_path / "run", 7)
+    check_release(tmp_path / "run", 7, cfg.release.formats)
     # the release runs on a real held-out recording
     test_file = next(p for p in sorted((EMODB / "wav").glob("*.wav")) if p.name[:2] in summary["test_speakers"])
     wave, sr = sf.read(test_file, dtype="float32")

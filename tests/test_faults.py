@@ -346,12 +346,15 @@ def test_a_device_that_loses_the_release_reply_only_misses_its_report(tmp_path, 
     arrays = get_arrays(new_classifier(cfg, len(cfg.labels)))
     (tmp_path / "release").mkdir()
     release = release_model(cfg, arrays, from_config(cfg).published(), tmp_path / "release")
-    reports = deploy_and_collect(grid, cfg, arrays, Path(release["path"]), rounds=int(cfg.rounds))
+    reports = deploy_and_collect(grid, cfg, arrays, Path(release["dir"]), rounds=int(cfg.rounds))
     assert sorted(r["node"] for r in reports) == [200, 202]
     assert "fault injected (faults.when=after)" in (tmp_path / "device-1" / "device.log").read_text()
     stored = [json.loads((tmp_path / f"device-{p}" / "report.json").read_text())["released_version"]
               for p in range(3)]
     assert stored == [1, 1, 1]  # the lost device did store the release before its reply was lost
+    meta = json.loads((tmp_path / "device-1" / "model_store" / "v0001" / "meta.json").read_text())
+    sent = {p.name for p in (tmp_path / "release").iterdir() if p.name != "labels.json"}  # labels: from its own config
+    assert set(meta["files"]) == sent and len(sent) >= 2  # every model format the release has, and its config.yaml
 
 
 # --- a flaky link over many rounds: the real experiment -----------------------------------------------------------

@@ -116,7 +116,7 @@ def test_fix_length_crop_and_tile():
     x = torch.arange(10, dtype=torch.float32).unsqueeze(0)
     assert fix_length(x, 4).tolist() == [[3.0, 4.0, 5.0, 6.0]]  # centred crop
     assert fix_length(x[:, :3], 7).tolist() == [[0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 0.0]]  # tiled
-    assert fix_length(x, 10) is x
+    assert torch.equal(fix_length(x, 10), x)
     assert fix_length(x[:, :0], 5).tolist() == [[0.0] * 5]
 
 

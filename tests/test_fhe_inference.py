@@ -270,7 +270,7 @@ def free_port() -> int:
 @pytest.fixture
 def emodb_release(tmp_path):
     """A PolyMLP fitted (centralised, briefly) on one EmoDB speaker, released as a run would, in a device store."""
-    from clients.model_store import ModelStore
+    from clients.model_store import FILES, ModelStore
     from fl_ser.data.corpus import corpus_from_config
     from fl_ser.features.normalize import FeatureNormalizer
     from fl_ser.task import extract, extractor_from_config, get_arrays, new_classifier
@@ -293,7 +293,8 @@ def emodb_release(tmp_path):
     release = tmp_path / "release"
     release_model(cfg, get_arrays(clf), normalizer, release)
     store = ModelStore(tmp_path / "store")
-    store.add((release / "emotion_model.pt").read_bytes(), list(cfg.labels), {"round": 0, "config_hash": "test"})
+    store.add({p.name: p.read_bytes() for p in release.iterdir() if p.name in FILES}, list(cfg.labels),
+              {"round": 0, "config_hash": "test"})
     held_out = tmp_path / "held_out"  # 12 recordings of a speaker the model never saw
     held_out.mkdir()
     for u in corpus.utterances_of(speakers[-1])[:12]:

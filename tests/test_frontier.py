@@ -14,7 +14,8 @@ from experiments import frontier as fr
 from experiments.train import ConfigError, RunFailed
 from tests.conftest import REPO
 
-TINY = ["data.num_speakers=6", "data.utterances_per_emotion=2", "partition.num_folds=2", "rounds=1"]
+TINY = ["data.num_speakers=6", "data.utterances_per_emotion=2", "partition.num_folds=2", "rounds=1",
+        "release.formats=[torchscript]"]
 
 
 def frontier_config(tmp_path, *overrides):

@@ -172,7 +172,7 @@ def test_sigkill_after_round_k_then_resume_loses_nothing_and_counts_nothing_twic
 
     run_dir, n, k = tmp_path / "run", 4, 2
     overrides = ["privacy=full", "model=mlp", "data.num_speakers=5", "partition.num_test_speakers=2", f"rounds={n}",
-                 "strategy=fedadam",
+                 "strategy=fedadam", "release.formats=[torchscript]",
                  "privacy.user_level.noise_multiplier=0.7", f"cache_dir={tmp_path / 'cache'}",
                  f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -1,4 +1,5 @@
-"""On-device costs, on one core: DP-SGD versus plain training, feature extraction speed, release latency and size."""
+"""On-device costs, on one core: DP-SGD versus plain training, feature extraction speed, the release's latency per
+runtime (torch eager, ONNX Runtime, torch.export, TorchScript) and its file sizes, against their targets."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experiments.bench.timing import interleaved_ratio, median_seconds
+from experiments.bench.timing import best_median_seconds, interleaved_ratio
 from fl_ser.data.corpus import SAMPLE_RATE, corpus_from_config
 from fl_ser.data.partition import split_from_config
 from fl_ser.features import Functionals, LogMel, MFCCDeltas
@@ -49,35 +50,102 @@ def dp_sgd_overhead(cfg) -> dict:
             "model": str(cfg.model._target_).rsplit(".", 1)[-1]}
 
 
-def feature_rtf(seconds: float = 3.0) -> dict:
-    """Real-time factor (audio seconds per second of compute) of each extractor, scripted, on one core."""
-    wave = torch.from_numpy(np.random.default_rng(0).normal(0, 0.1, int(seconds * SAMPLE_RATE)).astype(np.float32))
+#: Real-time-factor targets (audio seconds per compute second, one core) and the release's latency and size budgets.
+TARGETS = {"functionals_rtf": 1000.0, "feature_rtf": 500.0, "release_rtf": 1500.0, "release_onnx_rtf": 1500.0,
+           "release_onnx_logmel_cnn_rtf": 500.0, "release_ms_3s": 5.0, "release_mb": 1.0}
+
+
+def _wave(seconds: float, seed: int) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).normal(0, 0.1, int(seconds * SAMPLE_RATE)).astype(np.float32))
+
+
+def feature_rtf(seconds: float = 3.0, repeats: int = 5) -> dict:
+    """Real-time factor (audio seconds per second of compute) of each extractor, eager and TorchScript, on one
+    core: the best of ``repeats`` medians of 21 calls."""
+    wave = _wave(seconds, 0)[None]
     out = {}
     for name, ext in (("logmel", LogMel()), ("mfcc", MFCCDeltas()), ("functionals", Functionals())):
-        scripted = torch.jit.script(ext.eval())
+        ext.eval()
         with torch.no_grad():
-            t = median_seconds(lambda s=scripted: s(wave[None]), repeats=21, warmup=3)
-        out[name] = seconds / t
+            out[name] = {kind: seconds / best_median_seconds(lambda m=module: m(wave), repeats=repeats)
+                         for kind, module in (("eager", ext), ("torchscript", torch.jit.script(ext)))}
     return out
 
 
-def release_latency(cfg) -> dict:
-    """Latency of the released artifact on a 3 s utterance (audio -> emotion, features included), and its size."""
+def release_latency(cfg, repeats: int = 5) -> dict:
+    """The released artifact on a 3 s utterance (audio -> emotion, features included), one core: latency and
+    real-time factor of the eager pipeline and of each release format under the runtime a device runs it with
+    (:func:`fl_ser.models.export.export_formats` writes and checks the files), the files' sizes, and TorchScript
+    of the pipeline with int8 dynamic quantisation of its Linear layers."""
+    from fl_ser.models.export import export_formats
+    from fl_ser.models.runtimes import RUNTIMES, open_model
+
     _, _, norm = _device(cfg)
     pipe = pipeline(cfg, new_classifier(cfg, len(cfg.labels)), norm, list(cfg.labels)).eval()
-    wave = torch.from_numpy(np.random.default_rng(1).normal(0, 0.1, 3 * SAMPLE_RATE).astype(np.float32))[None]
-    result = {}
+    seconds = 3.0
+    wave = _wave(seconds, 1)[None]
+    result = {"features": str(cfg.features._target_).rsplit(".", 1)[-1],
+              "model": str(cfg.model._target_).rsplit(".", 1)[-1]}
+
+    def timed(fn) -> dict:
+        t = best_median_seconds(fn, calls=51, repeats=repeats, warmup=5)
+        return {"ms_3s": 1e3 * t, "rtf": seconds / t}
+
+    with torch.no_grad():
+        result["eager"] = timed(lambda: pipe(wave))
     with tempfile.TemporaryDirectory() as tmp:
-        variants = {"float": pipe,
-                    "int8": torch.ao.quantization.quantize_dynamic(pipe, {torch.nn.Linear}, dtype=torch.qint8)}
-        for name, module in variants.items():
-            path = Path(tmp) / f"{name}.pt"
-            torch.jit.script(module).save(str(path))
-            loaded = torch.jit.load(str(path))
-            with torch.no_grad():
-                t = median_seconds(lambda m=loaded: m(wave), repeats=51, warmup=5)
-            result[name] = {"ms_3s": 1e3 * t, "mb": path.stat().st_size / 2**20}
+        exported = export_formats(pipe, tmp)
+        result["mb"] = {fmt: path.stat().st_size / 2**20 for fmt, path in exported.files.items()}
+        result["unavailable"] = exported.unavailable
+        for runtime, (fmt, _) in RUNTIMES.items():
+            if fmt in exported.files:
+                run = open_model(runtime, exported.files[fmt].read_bytes())
+                result[runtime] = timed(lambda r=run: r(wave.numpy()))
+        quantised = torch.ao.quantization.quantize_dynamic(pipe, {torch.nn.Linear}, dtype=torch.qint8)
+        path = Path(tmp) / "int8.pt"
+        torch.jit.script(quantised).save(str(path))
+        run = open_model("torchscript", path.read_bytes())
+        result["int8"] = {**timed(lambda: run(wave.numpy())), "mb": path.stat().st_size / 2**20}
+    if "onnxruntime" in result:
+        result["onnx_vs_torch"] = result["onnxruntime"]["ms_3s"] / result["eager"]["ms_3s"]
     return result
+
+
+def speed(cfg, cnn_cfg, repeats: int = 5) -> dict:
+    """The extractors' and the release's speed and size (call on one thread): the default release (``cfg``) and
+    the log-mel + CNN one (``cnn_cfg``), with each figure against its target (:func:`speed_rows`)."""
+    figures = {"feature_rtf": feature_rtf(repeats=repeats), "release": release_latency(cfg, repeats),
+               "release_logmel_cnn": release_latency(cnn_cfg, repeats)}
+    return figures | {"speed_targets": speed_rows(figures)}
+
+
+def speed_rows(bench: dict) -> list[dict]:
+    """The feature and release figures of ``bench`` with their targets: measure, value, target, met (None where
+    the figure is missing)."""
+    release, cnn = bench["release"], bench["release_logmel_cnn"]
+    name = f"{release['features']} + {release['model']}"
+    rows = [(f"feature real-time factor, {k}, {kind} (1 core)", v, TARGETS["functionals_rtf" if k == "functionals"
+                                                                           else "feature_rtf"], ">=")
+            for k, kinds in bench["feature_rtf"].items() for kind, v in kinds.items()]
+    rows += [(f"release real-time factor, {name}, 3 s, {runtime} (1 core)", release.get(runtime, {}).get("rtf"),
+              TARGETS["release_onnx_rtf" if runtime == "onnxruntime" else "release_rtf"], ">=")
+             for runtime in ("eager", "onnxruntime", "torch", "torchscript")]
+    rows += [(f"release real-time factor, {cnn['features']} + {cnn['model']}, 3 s, onnxruntime (1 core)",
+              cnn.get("onnxruntime", {}).get("rtf"), TARGETS["release_onnx_logmel_cnn_rtf"], ">="),
+             (f"release latency, {name}, 3 s, eager, ms (1 core)", release["eager"]["ms_3s"],
+              TARGETS["release_ms_3s"], "<="),
+             (f"release latency, onnxruntime / torch eager, {name}", release.get("onnx_vs_torch"), None, ""),
+             (f"release latency, onnxruntime / torch eager, {cnn['features']} + {cnn['model']}",
+              cnn.get("onnx_vs_torch"), None, "")]
+    rows += [(f"release size, {name}, {fmt}, MB", mb, TARGETS["release_mb"], "<=") for fmt, mb in release["mb"].items()]
+    rows += [(f"release size, {cnn['features']} + {cnn['model']}, {fmt}, MB", mb, None, "")
+             for fmt, mb in cnn["mb"].items()]
+    out = []
+    for measure, value, target, sense in rows:
+        met = None if value is None or target is None else value >= target if sense == ">=" else value <= target
+        out.append({"measure": measure, "value": value, "target": None if target is None else f"{sense} {target:g}",
+                    "met": met})
+    return out
 
 
 def int8_accuracy(cfg) -> dict:

@@ -9,16 +9,20 @@ import time
 from collections.abc import Callable
 
 
-def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs, after ``warmup`` untimed runs."""
+def best_median_seconds(fn: Callable[[], object], calls: int = 21, repeats: int = 5, warmup: int = 3) -> float:
+    """The best of ``repeats`` medians, each over ``calls`` timed runs of ``fn`` (after ``warmup`` untimed runs):
+    the median ignores a repeat's outliers, the best repeat the minutes when other work held the core."""
     for _ in range(warmup):
         fn()
-    times = []
+    medians = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        medians.append(statistics.median(times))
+    return min(medians)
 
 
 def interleaved_ratio(numerator: Callable[[], object], denominator: Callable[[], object], repeats: int = 7) -> tuple:

@@ -4,8 +4,11 @@ Files are opened with ``soundfile`` (libsndfile; torchaudio's own loader needs t
 which we do not ship). libsndfile recognises a file by its content, not its name, so FLAC,
 OGG or MP3 saved as ``.wav`` is read as what it is; any PCM width (8, 16, 24, 32 bit) or
 float, and any channel count, is accepted. Channels are averaged; a file not at
-:data:`~fl_ser.data.corpus.SAMPLE_RATE` is resampled with ``torchaudio.functional.resample``
-(imported only then).
+:data:`~fl_ser.data.corpus.SAMPLE_RATE` is resampled (:func:`resample`) with
+``torchaudio.functional.resample`` where torchaudio is installed (imported only then: what the
+models were trained on), else with soxr (python-soxr, quality :data:`SOXR_QUALITY`), so a device
+without torch reads audio too. The two agree to better than -50 dB below 3 kHz; above that they
+differ by torchaudio's wider filter transition (``tests/test_resample.py`` measures it).
 
 The header is read first, so a file is judged on its rate and length before any sample is
 decoded; samples are then decoded in blocks, so memory stays at one block plus the mono
@@ -50,6 +53,7 @@ cropped    longer than ``max_seconds`` with ``long_files: crop``; its first part
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -236,11 +240,27 @@ def load_audio(path: str | Path, policy: AudioPolicy | None = None) -> Audio:
     _check_level(wave, policy, path)
     notes = (("clipped",) if clipped >= CLIPPED_FRACTION else ()) + (("cropped",) if frames < total else ())
     if rate != SAMPLE_RATE:
+        wave = resample(wave, rate)
+    return Audio(np.ascontiguousarray(wave, dtype=np.float32), rate, channels, total / rate, notes)
+
+
+#: soxr's quality where torchaudio is absent ('HQ' and 'VHQ' differ from torchaudio alike: its filter dominates).
+SOXR_QUALITY = "HQ"
+
+
+def resample(wave: np.ndarray, rate: int) -> np.ndarray:
+    """Mono float32 ``wave`` at ``rate`` Hz -> :data:`~fl_ser.data.corpus.SAMPLE_RATE`: torchaudio where installed,
+    else soxr; both give ``ceil(len * SAMPLE_RATE / rate)`` samples."""
+    if importlib.util.find_spec("torchaudio") is not None:
         import torch
         import torchaudio.functional
 
-        wave = torchaudio.functional.resample(torch.from_numpy(wave), rate, SAMPLE_RATE).numpy()
-    return Audio(np.ascontiguousarray(wave, dtype=np.float32), rate, channels, total / rate, notes)
+        return torchaudio.functional.resample(torch.from_numpy(wave), rate, SAMPLE_RATE).numpy()
+    import soxr
+
+    out = soxr.resample(wave, rate, SAMPLE_RATE, quality=SOXR_QUALITY)
+    length = -(-len(wave) * SAMPLE_RATE // rate)
+    return np.pad(out, (0, max(0, length - len(out))))[:length]
 
 
 def read_audio(path: str | Path, policy: AudioPolicy | None = None) -> np.ndarray:

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 import torchaudio
 from torch import Tensor, nn
 
+from fl_ser.features.stft import PowerSpectrogram, frames
+
 
 def _masked_mean_std(x: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and population std of ``x`` over the last dim where ``m`` (float 0/1); 0 if empty."""
@@ -75,12 +77,13 @@ class Functionals(nn.Module):
     LLDs (per 10 ms frame):
 
     * ``f0``: semitones re 27.5 Hz. NCCF over a 40 ms frame of the signal decimated to
-      8 kHz (15-tap Hann-windowed half-band low-pass), lags for 60-500 Hz, numerator by
-      FFT autocorrelation, denominators from cumulative frame energies; the chosen lag is
-      the first local NCCF maximum reaching 90 % of the highest one (guards against
-      octave-down errors), refined by parabolic interpolation. Voiced = NCCF peak >=
-      ``voicing_threshold`` and the frame is *active* (loudness within 40 dB of the
-      utterance maximum and above -70 dBFS); isolated single voiced frames are dropped.
+      8 kHz (15-tap Hann-windowed half-band low-pass), lags for 60-500 Hz, numerator the
+      inverse DFT of the frame's power spectrum (matrix products, :mod:`fl_ser.features.stft`),
+      denominators from cumulative frame energies; the chosen lag is the first local NCCF
+      maximum reaching 90 % of the highest one (guards against octave-down errors), refined
+      by parabolic interpolation. Voiced = NCCF peak >= ``voicing_threshold`` and the frame
+      is *active* (loudness within 40 dB of the utterance maximum and above -70 dBFS);
+      isolated single voiced frames are dropped.
     * ``loudness``: 10 log10(mean square) of the raw 25 ms frame, dBFS (floor -100 dB).
     * ``hnr``: 10 log10(r / (1 - r)) from the NCCF peak r, dB (range about +-40 dB).
     * ``jitter``: |F0_t - F0_{t-1}| / F0_{t-1} over consecutive voiced frames (ratio).
@@ -155,7 +158,22 @@ class Functionals(nn.Module):
         freqs = torch.arange(n_bins, dtype=torch.float64) * sr / self.n_fft
 
         window = torch.hann_window(self.win, periodic=True, dtype=torch.float64)
-        self.register_buffer("window", (window / window.pow(2).sum().sqrt()).float(), persistent=False)
+        # the 25 ms frames of the energy/ZCR framing, unit-energy window, zero padded to n_fft at the end
+        half = self.win // 2
+        self.spectrogram = PowerSpectrogram(window / window.pow(2).sum().sqrt(), self.n_fft, self.hop,
+                                            (half, self.win - half + self.n_fft - self.win))
+        # pitch frames (raw, mean removed) and the lags of their linear autocorrelation: irfft of the power
+        # spectrum at lags min_lag - 1 .. max_lag + 1 (one extra on each side of the search range)
+        phalf = self.pwin // 2
+        self.pitch_spectrogram = PowerSpectrogram(torch.ones(self.pwin, dtype=torch.float64), self.p_fft, self.phop,
+                                                  (phalf, self.pwin - phalf + self.p_fft - self.pwin),
+                                                  remove_mean=True)
+        k = torch.arange(self.p_fft // 2 + 1, dtype=torch.float64).unsqueeze(1)
+        lags = torch.arange(self.min_lag - 1, self.max_lag + 2, dtype=torch.float64)
+        fold = torch.full_like(k, 2.0)
+        fold[0] = fold[-1] = 1.0  # DC and Nyquist appear once in the full spectrum, the others twice
+        lag_w = fold * torch.cos(2.0 * math.pi * torch.remainder(k * lags, self.p_fft) / self.p_fft) / self.p_fft
+        self.register_buffer("lag_w", lag_w.float(), persistent=False)  # (K, n_lags)
 
         def band(lo: float, hi: float) -> Tensor:
             return ((freqs >= lo) & (freqs < hi)).to(torch.float64)
@@ -220,16 +238,14 @@ class Functionals(nn.Module):
             for i, h in enumerate(self.hb_taps):
                 y = y + h * (xo[:, k + i : k + i + n_out] + xo[:, k - i - 1 : k - i - 1 + n_out])
             x = y
+        ac = torch.matmul(self.pitch_spectrogram(x), self.lag_w)  # (B, T', n_lags) linear autocorrelation
         half = self.pwin // 2
-        frames = F.pad(x, (half, self.pwin - half)).unfold(1, self.pwin, self.phop)  # (B, T', N)
-        frames = frames - frames.mean(-1, keepdim=True)
-        spec = torch.fft.rfft(frames, n=self.p_fft)
-        ac = torch.fft.irfft(spec.real.pow(2) + spec.imag.pow(2), n=self.p_fft)
+        pf = frames(F.pad(x, (half, self.pwin - half)), self.pwin, self.phop, x.shape[1] // self.phop + 1)
+        pf = pf - pf.mean(-1, keepdim=True)  # (B, T', N)
         lo = self.min_lag - 1  # lags lo .. hi-1, one extra on each side of the search range
         hi = self.max_lag + 2
         n = self.pwin
-        ac = ac[:, :, lo:hi]  # (B, T, n_lags) linear autocorrelation (no wrap-around)
-        cum = torch.cumsum(frames.pow(2), dim=-1)
+        cum = torch.cumsum(pf.pow(2), dim=-1)
         e_head = cum[:, :, n - hi : n - lo].flip(-1)  # sum_{i < N - lag} x[i]^2
         e_tail = cum[:, :, -1:] - cum[:, :, lo - 1 : hi - 1]  # sum_{i >= lag} x[i]^2
         r = ac * torch.rsqrt((e_head * e_tail).clamp_min(1e-20))
@@ -259,14 +275,13 @@ class Functionals(nn.Module):
         hop_s = self.hop / self.sample_rate
         # ---- 25 ms frames: energy, zcr, spectrum
         half = self.win // 2
-        frames = F.pad(x, (half, self.win - half)).unfold(1, self.win, self.hop)  # (B, T, W)
-        n_frames = frames.shape[1]
-        ms = torch.linalg.vector_norm(frames, dim=-1).pow(2) / self.win
+        n_frames = x.shape[1] // self.hop + 1
+        wf = frames(F.pad(x, (half, self.win - half)), self.win, self.hop, n_frames)  # (B, T, W)
+        ms = torch.linalg.vector_norm(wf, dim=-1).pow(2) / self.win
         loud = 10.0 * torch.log10(ms + 1e-10)
         amp = ms.sqrt()
-        zcr = ((frames[:, :, 1:] * frames[:, :, :-1]) < 0).to(torch.float32).mean(-1)
-        spec = torch.fft.rfft(frames * self.window, n=self.n_fft)
-        power = spec.real.pow(2) + spec.imag.pow(2)  # (B, T, K)
+        zcr = ((wf[:, :, 1:] * wf[:, :, :-1]) < 0).to(torch.float32).mean(-1)
+        power = self.spectrogram(x)  # (B, T, K)
         bands = torch.matmul(power, self.band_w)
         alpha = 10.0 * torch.log10((bands[:, :, 0] + 1e-10) / (bands[:, :, 1] + 1e-10))
         centroid = bands[:, :, 2] / (bands[:, :, 3] + 1e-10)
@@ -301,7 +316,8 @@ class Functionals(nn.Module):
         hnr = 10.0 * torch.log10(r / (1.0 - r))
         f0_prev = _prev_pair(f0_hz)
         jitter = (f0_hz - f0_prev).abs() / f0_prev
-        shimmer = (amp - _prev_pair(amp)).abs() / (_prev_pair(amp) + 1e-8)
+        amp_prev = _prev_pair(amp)
+        shimmer = (amp - amp_prev).abs() / (amp_prev + 1e-8)
         d_f0 = (f0_st - _prev_pair(f0_st)) / hop_s
         smooth = F.avg_pool1d(loud.unsqueeze(1), 5, 1, 2, count_include_pad=False).squeeze(1)
         d_loud = (smooth - _prev_pair(smooth)) / hop_s
@@ -340,8 +356,9 @@ class Functionals(nn.Module):
         voiced_fraction = voiced.sum(1).to(torch.float32) / n_active.clamp_min(1.0)
         leq = 10.0 * torch.log10(ms.mean(1) + 1e-10)
         duration = n_frames * hop_s
-        local_max = F.max_pool1d(smooth.unsqueeze(1), 21, 1, 10).squeeze(1)
-        local_min = -F.max_pool1d(-smooth.unsqueeze(1), 41, 1, 20).squeeze(1)
+        # running max / min over +-10 / +-20 frames (max_pool1d would fix the input length in torch.export)
+        local_max = F.pad(smooth, (10, 10), value=-math.inf).unfold(1, 21, 1).amax(-1)
+        local_min = F.pad(smooth, (20, 20), value=math.inf).unfold(1, 41, 1).amin(-1)
         peak = active & (smooth >= local_max) & (smooth > _prev_pair(smooth)) & (smooth - local_min >= 3.0)
         peaks_per_s = peak.sum(1).to(torch.float32) / duration
         n_vseg, v_len, v_std = _segment_lengths(voiced)

@@ -18,19 +18,21 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
+from fl_ser.features.stft import PowerSpectrogram
+
 
 def fix_length(wave: Tensor, n: int) -> Tensor:
-    """Bring ``wave`` (B, samples) to exactly ``n`` samples: centred crop, or tile if shorter."""
+    """Bring ``wave`` (B, samples) to exactly ``n`` samples: centred crop, or tile if shorter.
+
+    One gather of sample ``(start + i) mod length`` for every length (``start`` is 0 when tiling), with no
+    branch on the length, so ``torch.export`` keeps the time axis dynamic.
+    """
     length = wave.shape[-1]
-    if length == n:
-        return wave
-    if length > n:
-        start = (length - n) // 2
-        return wave[:, start : start + n]
     if length == 0:
         return torch.zeros(wave.shape[0], n, dtype=wave.dtype, device=wave.device)
-    reps = (n + length - 1) // length
-    return wave.repeat(1, reps)[:, :n]
+    size = torch.full((1,), length, dtype=torch.long, device=wave.device)  # a tensor: ONNX export needs one here
+    start = (size - n).clamp_min(0) // 2
+    return wave.index_select(-1, torch.remainder(torch.arange(n, device=wave.device) + start, size))
 
 
 def frame_geometry(sample_rate: int, win_ms: float, hop_ms: float, seconds: float) -> tuple[int, int, int, int, int]:
@@ -49,6 +51,13 @@ def frame_geometry(sample_rate: int, win_ms: float, hop_ms: float, seconds: floa
     if win < 1 or hop < 1 or n_samples < n_fft:
         raise ValueError("window, hop and segment must be positive and the segment at least one FFT long")
     return win, hop, n_fft, n_samples, n_samples // hop
+
+
+def mel_filters(sample_rate: int, n_fft: int, n_mels: int) -> Tensor:
+    """(n_fft // 2 + 1, n_mels) triangular HTK mel filters, 0 Hz to sample_rate // 2, unnormalised (torchaudio
+    MelSpectrogram's defaults)."""
+    return torchaudio.functional.melscale_fbanks(n_fft // 2 + 1, 0.0, float(sample_rate // 2), n_mels, sample_rate,
+                                                 norm=None, mel_scale="htk")
 
 
 class LogMel(nn.Module):
@@ -75,20 +84,12 @@ class LogMel(nn.Module):
         self.sample_rate = sample_rate
         self.n_samples = n_samples
         self.frames = frames
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=sample_rate,
-            n_fft=n_fft,
-            win_length=win,
-            hop_length=hop,
-            n_mels=n_mels,
-            power=2.0,
-            center=True,
-            pad_mode="reflect",
-        )
+        self.spectrogram = PowerSpectrogram.centred(torch.hann_window(win, dtype=torch.float64), n_fft, hop)
+        self.register_buffer("mel_fb", mel_filters(sample_rate, n_fft, n_mels), persistent=False)
         self.output_shape = (1, n_mels, frames)
         self.kind = "sequence"
 
     def forward(self, wave: Tensor) -> Tensor:
         x = fix_length(wave.to(torch.float32), self.n_samples)
-        spec = self.mel(x)[:, :, : self.frames]
-        return torch.log(spec + 1e-6).unsqueeze(1)
+        mel = torch.matmul(self.spectrogram(x)[:, : self.frames], self.mel_fb).transpose(1, 2)
+        return torch.log(mel + 1e-6).unsqueeze(1)

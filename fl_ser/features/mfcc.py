@@ -7,10 +7,19 @@ tile if shorter, on the waveform before the STFT).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import torchaudio
 from torch import Tensor, nn
 
-from fl_ser.features.logmel import fix_length, frame_geometry
+from fl_ser.features.logmel import fix_length, frame_geometry, mel_filters
+from fl_ser.features.stft import PowerSpectrogram
+
+
+def deltas(c: Tensor) -> Tensor:
+    """5-frame regression deltas over the last dim, edges replicated: torchaudio's ``compute_deltas(c, 5)``
+    without its grouped conv1d (whose group count, channels x batch, ONNX export cannot take from the input)."""
+    p = F.pad(c, (2, 2), mode="replicate")
+    return (p[..., 3:-1] - p[..., 1:-3] + 2.0 * (p[..., 4:] - p[..., :-4])) / 10.0
 
 
 class MFCCDeltas(nn.Module):
@@ -40,27 +49,18 @@ class MFCCDeltas(nn.Module):
         self.sample_rate = sample_rate
         self.n_samples = n_samples
         self.frames = frames
-        self.mfcc = torchaudio.transforms.MFCC(
-            sample_rate=sample_rate,
-            n_mfcc=n_mfcc,
-            log_mels=True,
-            melkwargs={
-                "n_fft": n_fft,
-                "win_length": win,
-                "hop_length": hop,
-                "n_mels": n_mels,
-                "power": 2.0,
-                "center": True,
-                "pad_mode": "reflect",
-            },
-        )
-        self.deltas = torchaudio.transforms.ComputeDeltas(win_length=5)
+        if n_mfcc > n_mels:
+            raise ValueError(f"MFCCDeltas: n_mfcc={n_mfcc} exceeds n_mels={n_mels}")
+        self.spectrogram = PowerSpectrogram.centred(torch.hann_window(win, dtype=torch.float64), n_fft, hop)
+        self.register_buffer("mel_fb", mel_filters(sample_rate, n_fft, n_mels), persistent=False)
+        self.register_buffer("dct", torchaudio.functional.create_dct(n_mfcc, n_mels, norm="ortho"), persistent=False)
         self.output_shape = (3, n_mfcc, frames)
         self.kind = "sequence"
 
     def forward(self, wave: Tensor) -> Tensor:
         x = fix_length(wave.to(torch.float32), self.n_samples)
-        c = self.mfcc(x)  # (B, n_mfcc, frames + 1)
-        d1 = self.deltas(c)
-        d2 = self.deltas(d1)
+        mel = torch.matmul(self.spectrogram(x), self.mel_fb)
+        c = torch.matmul(torch.log(mel + 1e-6), self.dct).transpose(1, 2)  # (B, n_mfcc, frames + 1)
+        d1 = deltas(c)
+        d2 = deltas(d1)
         return torch.stack([c, d1, d2], dim=1)[:, :, :, : self.frames]

@@ -1,15 +1,13 @@
 """The deployable emotion model: waveform -> features -> device normaliser -> classifier -> probabilities.
 
 One ``nn.Module`` composes the torchaudio feature extractor, the device-local
-normaliser and the federated classifier, so the released artifact is a single
-TorchScript file that maps a float waveform of shape (1, samples) at 16 kHz to
-class probabilities of shape (1, C), with no Python code of ours needed to run it.
+normaliser and the federated classifier: it maps a float waveform of shape
+(B, samples) at 16 kHz to class probabilities of shape (B, C). The release
+(:mod:`fl_ser.models.export`) exports this one eager module to ONNX, ``torch.export``
+and TorchScript files, with no Python code of ours needed to run them.
 """
 
 from __future__ import annotations
-
-import copy
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,12 +25,3 @@ class EmotionPipeline(nn.Module):
         """(B, samples) float waveform at 16 kHz -> (B, C) class probabilities."""
         feats = self.normalizer(self.extractor(wave))
         return torch.softmax(self.classifier(feats), dim=-1)
-
-    def export(self, path: str | Path) -> Path:
-        """Script and save the pipeline as a TorchScript artifact (eval mode, on CPU)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        frozen = copy.deepcopy(self).cpu().eval().requires_grad_(False)  # inference artifact; self is untouched
-        scripted = torch.jit.script(frozen)
-        scripted.save(str(path))
-        return path
