@@ -38,7 +38,8 @@ frontier: $(STAMP)
 audit: $(STAMP)
 	$(PY) -m experiments.audit $(ARGS)
 
-# The browser page, web/dist (committed, so serving it needs no Node): rebuild it after editing web/ (Node 20, npm).
+# The browser page, web/dist (not committed: 15 MB, most of it onnxruntime-web's WASM): build it once, and again after
+# editing web/ (Node 20, npm; packages from the npm registry, pinned by package-lock.json).
 # Serve a release with it: python -m clients.web --release RUN_DIR/release
 web:
 	cd web && npm ci --no-audit --no-fund && npm run build

@@ -401,6 +401,13 @@ def test_personalise_saves_a_scored_new_version(store, participant, capsys):
 
 
 # -- staying local ------------------------------------------------------------------------------
+def python_output(code: str) -> str:
+    """What a fresh interpreter of this venv prints running ``code`` in the repository (it must exit 0)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def test_device_tools_import_no_federation_code_and_the_store_no_torch():
     code = (
         "import sys\n"
@@ -409,9 +416,7 @@ def test_device_tools_import_no_federation_code_and_the_store_no_torch():
         "import clients.personalise, clients.predict, clients.validate\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'flwr', 'grpc', 'ray', 'requests'}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    assert python_output(code).strip() == "[]"
 
 
 def test_the_device_path_imports_where_torch_cannot_be_imported():
@@ -424,9 +429,7 @@ def test_the_device_path_imports_where_torch_cannot_be_imported():
         "from fl_ser.models.runtimes import installed\n"
         "print(installed('onnxruntime'), installed('torch'))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True", "False"]  # a torch that cannot be imported counts as absent
+    assert python_output(code).split() == ["True", "False"]  # a torch that cannot be imported counts as absent
 
 
 def test_adapted_version_standardises_with_the_devices_own_statistics(store, participant):

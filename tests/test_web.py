@@ -40,6 +40,23 @@ SECONDS = 3.0  # of the test recording
 
 
 # -- the release ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def built_page() -> None:
+    """The page, built with ``make web`` when web/dist is missing or stale (it is a build output, not committed)."""
+    try:
+        web.page_routes()
+        return
+    except web.WebError:
+        pass
+    if shutil.which("npm") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI needs Node 20 and npm to build the browser page (make web)")
+        pytest.skip("the browser page is not built and npm is missing: install Node 20 and npm, then make web")
+    done = subprocess.run(["make", "web"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    web.page_routes()  # raises if the build is still not what clients.web serves
+
+
 def recording() -> tuple[str, np.ndarray, int]:
     """A real utterance at its own rate (float32 mono): the first EmoDB file (22.05 kHz) when EmoDB is here, else
     a synthetic one (16 kHz); its name, wave and rate."""
@@ -164,7 +181,7 @@ def test_missing_release_model_labels_and_page_are_named_with_their_fix(tmp_path
 def test_a_page_built_from_other_sources_is_refused(tmp_path):
     copy = tmp_path / "web"
     shutil.copytree(web.WEB, copy, ignore=shutil.ignore_patterns("node_modules"))
-    assert web.page_routes(copy / "dist", copy)["/"] == copy / "dist" / "index.html"  # the committed build is current
+    assert web.page_routes(copy / "dist", copy)["/"] == copy / "dist" / "index.html"  # built_page's build is current
     (copy / "src" / "ui.js").write_text((copy / "src" / "ui.js").read_text() + "\n// edited\n")
     with pytest.raises(web.WebError, match=r"built from other sources .* rebuild it with make web"):
         web.page_routes(copy / "dist", copy)
