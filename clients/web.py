@@ -2,13 +2,14 @@
 
     python -m clients.web --release RUN_DIR/release [--port N]
 
-The page (built from ``web/`` into ``web/dist`` with ``make web``, once, with Node 20 and npm; the
-build is not committed: onnxruntime-web's WASM binary alone is 14.8 MB) decodes a WAV file or a
+The page is built from ``web/`` into ``web/dist`` with ``make web``, once, with Node 20 and npm (the
+build is not committed: onnxruntime-web's WASM binary alone is 14.8 MB). It decodes a WAV file or a
 microphone recording, resamples it to 16 kHz and runs ``emotion_model.onnx`` with onnxruntime-web
 (WASM) in the browser. Only the built page's own files, ``/release/emotion_model.onnx`` and
-``/release/labels.json`` are served; anything else is 404. Every response carries a Content-Security-Policy that lets the page connect to
-this origin only (no third-party origin for scripts, styles, images or connections), so the audio
-cannot leave the browser. The server binds 127.0.0.1 only; ``--port 0`` picks a free port.
+``/release/labels.json`` are served; anything else is 404. Every response carries a
+Content-Security-Policy that lets the page connect to this origin only (no third-party origin for
+scripts, styles, images or connections), so the audio cannot leave the browser. The server binds
+127.0.0.1 only; ``--port 0`` picks a free port.
 """
 
 from __future__ import annotations
