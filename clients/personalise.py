@@ -56,7 +56,7 @@ from fl_ser.metrics import classification_report
 from fl_ser.models.export import export_formats
 from fl_ser.models.pipeline import EmotionPipeline
 from fl_ser.models.runtimes import load_torchscript
-from fl_ser.protocol import RELEASE_CONFIG_FILE
+from fl_ser.protocol import RELEASE_CONFIG_FILE, RELEASE_TARGETS
 from fl_ser.task import extract
 
 #: meta.json keys a personalised version takes over from the model it started from (where it came from).
@@ -90,6 +90,16 @@ def stratified_split(y: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarr
     return np.array(sorted(adapt)), np.array(sorted(held))
 
 
+def _targets(node) -> list[str]:
+    """Every Hydra ``_target_`` in a config subtree (instantiate follows nested ones too)."""
+    if isinstance(node, dict):
+        own = [str(node["_target_"])] if "_target_" in node else []
+        return own + [t for v in node.values() for t in _targets(v)]
+    if isinstance(node, list):
+        return [t for v in node for t in _targets(v)]
+    return []
+
+
 def eager_model(store: ModelStore, version: int) -> tuple[EmotionPipeline, list[str], dict]:
     """The stored version as the eager pipeline it was exported from, its labels and meta.
 
@@ -107,6 +117,14 @@ def eager_model(store: ModelStore, version: int) -> tuple[EmotionPipeline, list[
             "carried one), so it cannot be rebuilt and exported. Fix: personalise a version received since"
         )
     cfg = OmegaConf.create(store.read(stored, RELEASE_CONFIG_FILE).decode())
+    foreign = sorted(set(_targets(OmegaConf.to_container(cfg.features)) + _targets(OmegaConf.to_container(cfg.model)))
+                     - RELEASE_TARGETS)
+    if foreign:  # the server wrote this config: never let it name what the device runs
+        raise StoreError(
+            f"model v{version:04d} in {store.root}: its {RELEASE_CONFIG_FILE} names {foreign}, which is not one of "
+            f"fl-ser's feature extractors or classifiers {sorted(RELEASE_TARGETS)}; the device builds nothing else. "
+            "Fix: personalise a release made by fl-ser"
+        )
     scripted = load_torchscript(store.read(stored, ARTIFACT))
     norm = scripted.normalizer
     shape = tuple(int(s) for s in norm.shape)

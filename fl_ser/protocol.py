@@ -24,6 +24,11 @@ EPSILON_METRICS = ("epsilon", "epsilon_run", "epsilon_normalization", "epsilon_t
 #: one model three times. Releases made before ONNX export hold only the TorchScript file.
 MODEL_FILES = {"onnx": "emotion_model.onnx", "pt2": "emotion_model.pt2", "torchscript": "emotion_model.pt"}
 RELEASE_CONFIG_FILE = "config.yaml"  # the resolved config the release was trained with (public)
+#: The only classes a device builds from a release's config (clients/personalise.py): the config comes from the
+#: server, and Hydra's instantiate would call any ``_target_`` it names. Every conf/features and conf/model
+#: target must be here (tests/test_device_tools.py checks it).
+RELEASE_TARGETS = frozenset({"fl_ser.features.Functionals", "fl_ser.features.LogMel", "fl_ser.features.MFCCDeltas",
+                             "fl_ser.models.MLP", "fl_ser.models.PolyMLP", "fl_ser.models.CNN"})
 
 #: Evaluate-config keys of the release message (server/release.py sends them after the last round).
 RELEASE_ARTIFACT = "fl-ser.release.artifact"  # the TorchScript file: its presence marks the release message

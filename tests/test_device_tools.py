@@ -445,3 +445,22 @@ def test_adapted_version_standardises_with_the_devices_own_statistics(store, par
         torch.testing.assert_close(adapted.normalizer.mean, x.mean(0))
         torch.testing.assert_close(adapted.classifier(torch.zeros(1, 74)), released.classifier(torch.zeros(1, 74)))
         assert not torch.equal(adapted.normalizer.mean, released.normalizer.mean)  # the release itself is kept
+
+
+def test_a_release_config_naming_foreign_code_is_refused_before_anything_is_built(release, store, tmp_path):
+    """The release's config.yaml comes from the server; Hydra would call any _target_ it names on the device."""
+    import yaml
+
+    from fl_ser.protocol import RELEASE_CONFIG_FILE, RELEASE_TARGETS
+
+    repo = Path(__file__).parents[1]
+    shipped = {yaml.safe_load(p.read_text())["_target_"] for group in ("features", "model")
+               for p in (repo / "conf" / group).glob("*.yaml")}
+    assert shipped <= RELEASE_TARGETS  # every extractor and classifier fl-ser ships can be personalised
+    assert personalise.eager_model(store, 1)[1] == LABELS  # an honest release is rebuilt
+    forged = yaml.safe_load(release[RELEASE_CONFIG_FILE])
+    forged["features"] = {"_target_": "os.system", "command": f"touch {tmp_path / 'pwned'}"}
+    store.add({**release, RELEASE_CONFIG_FILE: yaml.safe_dump(forged).encode()}, LABELS, META)
+    with pytest.raises(StoreError, match=r"names \['os.system'\].*builds nothing else"):
+        personalise.eager_model(store, 2)
+    assert not (tmp_path / "pwned").exists()
