@@ -65,10 +65,10 @@ def feature_rtf(seconds: float = 3.0, repeats: int = 5) -> dict:
     wave = _wave(seconds, 0)[None]
     out = {}
     for name, ext in (("logmel", LogMel()), ("mfcc", MFCCDeltas()), ("functionals", Functionals())):
-        ext.eval()
-        with torch.no_grad():
+        modules = {"eager": ext.eval(), "torchscript": torch.jit.script(ext)}
+        with torch.inference_mode():  # as the device runtimes run (fl_ser.models.runtimes)
             out[name] = {kind: seconds / best_median_seconds(lambda m=module: m(wave), repeats=repeats)
-                         for kind, module in (("eager", ext), ("torchscript", torch.jit.script(ext)))}
+                         for kind, module in modules.items()}
     return out
 
 
@@ -91,7 +91,7 @@ def release_latency(cfg, repeats: int = 5) -> dict:
         t = best_median_seconds(fn, calls=51, repeats=repeats, warmup=5)
         return {"ms_3s": 1e3 * t, "rtf": seconds / t}
 
-    with torch.no_grad():
+    with torch.inference_mode():  # as the device runtimes run (fl_ser.models.runtimes)
         result["eager"] = timed(lambda: pipe(wave))
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_formats(pipe, tmp)

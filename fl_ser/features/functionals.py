@@ -12,6 +12,13 @@ Framing: 10 ms hop; 25 ms frames (Hann-windowed for the spectrum, raw for energy
 and 40 ms frames for pitch (on a copy low-pass filtered and decimated to 8 kHz), all centred
 on ``t * hop`` (zero padded at the edges), so an utterance of ``L`` samples gives
 ``L // hop + 1`` frames. Inputs shorter than one 25 ms frame are zero padded to it.
+
+Two graphs compute the same values (``portable``, set by :func:`fl_ser.features.stft.portable`): torch's
+(FFTs, ``cumsum``, strided frames: eager, TorchScript, ``.pt2``; what devices train on, and within 1e-5
+of the extractor's earlier outputs) and the portable one for ONNX Runtime and ExecuTorch, which has no
+FFT and whose CumSum, Gather and broadcasting ops are slow: spectra by factored DFT matmuls, running sums
+and the decimating filter by small matmuls, frame energies from blocks of the squared signal (within 6e-5;
+``tests/test_feature_parity.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import torch.nn.functional as F
 import torchaudio
 from torch import Tensor, nn
 
-from fl_ser.features.stft import PowerSpectrogram, frames
+from fl_ser.features.stft import PowerSpectrogram
 
 
 def _masked_mean_std(x: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
@@ -50,18 +57,58 @@ def _masked_percentiles(x: Tensor, m: Tensor, q: Tensor) -> Tensor:
     return v_lo + (v_hi - v_lo) * (pos - lo)
 
 
-def _prev_pair(x: Tensor) -> Tensor:
-    """(B, T) -> (B, T) with ``out[:, t] = x[:, t - 1]`` and ``out[:, 0] = x[:, 0]``."""
-    return torch.cat([x[:, :1], x[:, :-1]], dim=1)
+def _prefix_sums(x: Tensor, within: Tensor, across: Tensor) -> Tensor:
+    """``torch.cumsum(x, -1)`` of ``x`` (B, T, N) as small matmuls: sums inside blocks of ``b`` values (``within``:
+    (b, b), ones on and above the diagonal), plus the sum of the blocks before each value (``across``: (N / b, N),
+    ones where the value's block comes after). ONNX Runtime's CumSum took 0.3 ms for the pitch frames and its
+    broadcasting Add over blocks 0.15 ms; these ~3 M multiply-adds a fraction of that. ``N`` must be a multiple of
+    ``b``.
+    """
+    b = within.shape[0]
+    blocks = x.reshape(x.shape[0], x.shape[1], -1, b)  # (B, T, N / b, b)
+    return torch.matmul(blocks, within).flatten(2) + torch.matmul(blocks.sum(-1), across)
+
+
+def _running_max(x: Tensor, radius: int, portable: bool) -> Tensor:
+    """``(B, T) -> (B, T)``: the maximum over frames ``t - radius .. t + radius`` (those inside the utterance).
+
+    The portable graph takes maxima of shifted slices over doubling windows: ``Tensor.unfold`` exports as a
+    Gather (slow in ONNX Runtime). Not ``max_pool1d``: ``torch.export`` fixes its input length.
+    """
+    width = 2 * radius + 1
+    m = F.pad(x, (radius, radius), value=-math.inf)
+    if not portable:
+        return m.unfold(1, width, 1).amax(-1)
+    span = 1  # m[:, i] is the maximum of the padded x[i : i + span]
+    while 2 * span <= width:
+        m = torch.maximum(m[:, :-span], m[:, span:])
+        span *= 2
+    if span < width:
+        m = torch.maximum(m[:, : m.shape[1] - (width - span)], m[:, width - span :])
+    return m
+
+
+def _frame_sums(per_sample: Tensor, width: int, hop: int, n: int) -> Tensor:
+    """Sums of ``per_sample`` (B, L) over the frames ``[t * hop, t * hop + width)``, ``t < n`` (zeros past the end),
+    from sums over blocks of ``gcd(width, hop)`` samples: one pass over the signal instead of over overlapping
+    frames. Counts (0/1 samples) come out exact."""
+    g = math.gcd(width, hop)
+    total = (n - 1) * hop + width
+    blocks = F.pad(per_sample, (0, width))[:, :total].reshape(per_sample.shape[0], -1, g).sum(-1)
+    step = hop // g
+    out = blocks[:, 0 : (n - 1) * step + 1 : step]
+    for i in range(1, width // g):
+        out = out + blocks[:, i : i + (n - 1) * step + 1 : step]
+    return out
 
 
 def _segment_lengths(on: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Runs of True in ``on`` (B, T) bool: (count (B,), mean length (B,), std length (B,)) in frames."""
-    b, t = on.shape
+    """Runs of True in ``on`` (N, T) bool: (count (N,), mean length (N,), std length (N,)) in frames."""
+    n, t = on.shape
     prev = torch.cat([torch.zeros_like(on[:, :1]), on[:, :-1]], dim=1)
     starts = on & ~prev
     seg_id = torch.cumsum(starts.long(), dim=1) * on.long()  # 1-based id inside runs, 0 outside
-    lengths = torch.zeros(b, t + 1, dtype=torch.float32, device=on.device)
+    lengths = torch.zeros(n, t + 1, dtype=torch.float32, device=on.device)
     lengths = lengths.scatter_add(1, seg_id, on.to(torch.float32))[:, 1:]
     count = starts.sum(1).to(torch.float32)
     valid = (torch.arange(1, t + 1, device=on.device).unsqueeze(0).to(torch.float32) <= count.unsqueeze(1)).to(
@@ -78,8 +125,8 @@ class Functionals(nn.Module):
 
     * ``f0``: semitones re 27.5 Hz. NCCF over a 40 ms frame of the signal decimated to
       8 kHz (15-tap Hann-windowed half-band low-pass), lags for 60-500 Hz, numerator the
-      inverse DFT of the frame's power spectrum (matrix products, :mod:`fl_ser.features.stft`),
-      denominators from cumulative frame energies; the chosen lag is the first local NCCF
+      inverse DFT of the frame's power spectrum (:mod:`fl_ser.features.stft`), denominators
+      from cumulative frame energies; the chosen lag is the first local NCCF
       maximum reaching 90 % of the highest one (guards against octave-down errors), refined
       by parabolic interpolation. Voiced = NCCF peak >= ``voicing_threshold`` and the frame
       is *active* (loudness within 40 dB of the utterance maximum and above -70 dBFS);
@@ -124,7 +171,7 @@ class Functionals(nn.Module):
     __constants__ = (
         "sample_rate", "voicing_threshold", "hop", "win", "n_fft", "decim", "pitch_sr", "phop", "pwin",
         "min_lag", "max_lag", "p_fft", "hb_k", "hb_center", "hb_taps", "n_mfcc", "ham_split", "ham_stop",
-        "slope_stop",
+        "slope_stop", "active_row", "portable",
     )  # fmt: skip
 
     def __init__(self, sample_rate: int = 16000, voicing_threshold: float = 0.5, n_mfcc: int = 8) -> None:
@@ -153,6 +200,15 @@ class Functionals(nn.Module):
         norm = 0.5 + 2 * float(taps.sum())
         self.hb_center = 0.5 / norm
         self.hb_taps = [float(t) / norm for t in taps]
+        # the same filter as one matmul (the portable graph): output samples 8j .. 8j+7 from input blocks j and j+1
+        # of 16 samples (the input shifted by 8), x[2m + d] at row 2 (m - 8j) + d + 8 of column m - 8j
+        decimate = torch.zeros(32, 8, dtype=torch.float64)
+        for o in range(8):
+            decimate[2 * o + 8, o] = self.hb_center
+            for i, h in enumerate(self.hb_taps):
+                decimate[2 * o + 8 + 2 * i + 1, o] = decimate[2 * o + 8 - 2 * i - 1, o] = h
+        self.register_buffer("decimate", decimate.float(), persistent=False)
+        self.portable = False  # True: the graph for ONNX Runtime and ExecuTorch (fl_ser.features.stft.portable)
         self.n_mfcc = int(n_mfcc)
         n_bins = self.n_fft // 2 + 1
         freqs = torch.arange(n_bins, dtype=torch.float64) * sr / self.n_fft
@@ -162,18 +218,19 @@ class Functionals(nn.Module):
         half = self.win // 2
         self.spectrogram = PowerSpectrogram(window / window.pow(2).sum().sqrt(), self.n_fft, self.hop,
                                             (half, self.win - half + self.n_fft - self.win))
+        assert self.spectrogram.width == self.win  # its frames are the raw 25 ms frames too (energies)
         # pitch frames (raw, mean removed) and the lags of their linear autocorrelation: irfft of the power
         # spectrum at lags min_lag - 1 .. max_lag + 1 (one extra on each side of the search range)
         phalf = self.pwin // 2
         self.pitch_spectrogram = PowerSpectrogram(torch.ones(self.pwin, dtype=torch.float64), self.p_fft, self.phop,
-                                                  (phalf, self.pwin - phalf + self.p_fft - self.pwin),
-                                                  remove_mean=True)
+                                                  (phalf, self.pwin - phalf + self.p_fft - self.pwin))
         k = torch.arange(self.p_fft // 2 + 1, dtype=torch.float64).unsqueeze(1)
         lags = torch.arange(self.min_lag - 1, self.max_lag + 2, dtype=torch.float64)
         fold = torch.full_like(k, 2.0)
         fold[0] = fold[-1] = 1.0  # DC and Nyquist appear once in the full spectrum, the others twice
         lag_w = fold * torch.cos(2.0 * math.pi * torch.remainder(k * lags, self.p_fft) / self.p_fft) / self.p_fft
-        self.register_buffer("lag_w", lag_w.float(), persistent=False)  # (K, n_lags)
+        # (portable graph only) over the pitch spectrogram's own order of the bins: power(natural=False)
+        self.register_buffer("lag_w", self.pitch_spectrogram.to_cells(lag_w).float(), persistent=False)
 
         def band(lo: float, hi: float) -> Tensor:
             return ((freqs >= lo) & (freqs < hi)).to(torch.float64)
@@ -200,6 +257,21 @@ class Functionals(nn.Module):
         self.register_buffer("dct", dct[:, 1:].contiguous().float(), persistent=False)
 
         self.register_buffer("quantiles", torch.tensor([0.2, 0.5, 0.8]), persistent=False)
+        block = math.gcd(self.pwin, 16)  # the pitch frames' running energy, in blocks (see _prefix_sums)
+        self.register_buffer("sum_within", torch.ones(block, block).triu(), persistent=False)
+        later = torch.ones(self.pwin // block, self.pwin // block).triu(1)  # block j is after block i
+        self.register_buffer("sum_across", later.repeat_interleave(block, dim=1), persistent=False)
+        self.register_buffer("around", torch.arange(3), persistent=False)  # a lag and its two neighbours
+
+        # The masked statistics run on one (B, T, rows) matrix of frame values and one of 0/1 masks: each row's
+        # mask is one of the base masks built in forward() (in this order), picked by index.
+        bases = ["voiced", "all", "v_pair", "f0_rise", "loud_rise", "f0_fall", "loud_fall", "unvoiced", "active",
+                 "a_pair"]
+        row_bases = ["voiced", "all", "voiced", "v_pair", "v_pair", "f0_rise", "f0_fall", "loud_rise", "loud_fall"]
+        row_bases += ["voiced", "unvoiced"] * 4 + ["active", "a_pair", "v_pair", "active"] + ["active"] * self.n_mfcc
+        pick = F.one_hot(torch.tensor([bases.index(b) for b in row_bases]), len(bases)).T.float()
+        self.register_buffer("row_base", pick, persistent=False)  # (bases, rows)
+        self.active_row = row_bases.index("active")
 
         names: list[str] = []
         for base in ["f0_st", "loudness_db"]:
@@ -228,45 +300,54 @@ class Functionals(nn.Module):
 
     def _pitch(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """NCCF pitch: returns (F0 in Hz (B, T), peak NCCF (B, T)); F0 is meaningless where unvoiced."""
-        if self.decim == 2:
+        if self.decim == 2 and self.portable:  # the half-band filter as a matmul over pairs of 16-sample blocks
+            n_out = (x.shape[1] + 1) // 2
+            n_blocks = (n_out + 7) // 8
+            blocks = F.pad(x, (8, 16 * (n_blocks + 1) - 8 - x.shape[1])).reshape(x.shape[0], n_blocks + 1, 16)
+            pairs = torch.cat([blocks[:, :-1], blocks[:, 1:]], dim=-1)
+            x = torch.matmul(pairs, self.decimate).flatten(1)[:, :n_out]
+        elif self.decim == 2:  # the half-band filter, polyphase: even and odd samples as two contiguous rows
             k = self.hb_k
             n_out = (x.shape[1] + 1) // 2
-            xp = F.pad(x, (2 * k, 2 * k + x.shape[1] % 2))
-            xe = xp[:, 0::2]
-            xo = xp[:, 1::2]
+            phases = F.pad(x, (2 * k, 2 * k + x.shape[1] % 2)).reshape(x.shape[0], -1, 2).transpose(1, 2)
+            phases = phases.contiguous()
+            xe = phases[:, 0]
+            xo = phases[:, 1]
             y = self.hb_center * xe[:, k : k + n_out]
             for i, h in enumerate(self.hb_taps):
                 y = y + h * (xo[:, k + i : k + i + n_out] + xo[:, k - i - 1 : k - i - 1 + n_out])
             x = y
-        ac = torch.matmul(self.pitch_spectrogram(x), self.lag_w)  # (B, T', n_lags) linear autocorrelation
-        half = self.pwin // 2
-        pf = frames(F.pad(x, (half, self.pwin - half)), self.pwin, self.phop, x.shape[1] // self.phop + 1)
-        pf = pf - pf.mean(-1, keepdim=True)  # (B, T', N)
+        pf = self.pitch_spectrogram.framed(x)
+        pf = pf - pf.mean(-1, keepdim=True)  # (B, T', N) raw 40 ms frames, mean removed
+        power = self.pitch_spectrogram.power(pf, natural=not self.portable)
         lo = self.min_lag - 1  # lags lo .. hi-1, one extra on each side of the search range
         hi = self.max_lag + 2
+        if self.portable:  # (B, T', n_lags) linear autocorrelation: inverse DFT of the power
+            ac = torch.matmul(power, self.lag_w)
+        else:
+            ac = torch.fft.irfft(power, n=self.p_fft)[:, :, lo:hi]
         n = self.pwin
-        cum = torch.cumsum(pf.pow(2), dim=-1)
+        if self.portable:  # see _prefix_sums
+            cum = _prefix_sums(pf * pf, self.sum_within, self.sum_across)
+        else:
+            cum = torch.cumsum(pf.square(), dim=-1)
         e_head = cum[:, :, n - hi : n - lo].flip(-1)  # sum_{i < N - lag} x[i]^2
         e_tail = cum[:, :, -1:] - cum[:, :, lo - 1 : hi - 1]  # sum_{i >= lag} x[i]^2
         r = ac * torch.rsqrt((e_head * e_tail).clamp_min(1e-20))
-        left = r[:, :, :-2]
         mid = r[:, :, 1:-1]
-        right = r[:, :, 2:]
-        is_max = (mid > left) & (mid >= right)
-        peaks = torch.where(is_max, mid, torch.full_like(mid, -2.0))
-        best = peaks.amax(-1, keepdim=True)
+        is_max = (mid > r[:, :, :-2]) & (mid >= r[:, :, 2:])
+        flag = is_max.to(torch.float32)
+        best = (mid * flag + (flag - 1.0) * 2.0).amax(-1, keepdim=True)  # the highest local maximum; -2 if none
         cand = is_max & (mid >= 0.9 * best)
         idx = torch.argmax(cand.to(torch.int32), dim=-1, keepdim=True)  # first (shortest-lag) candidate
-        y0 = mid.gather(-1, idx)
-        ym = left.gather(-1, idx)
-        yp = right.gather(-1, idx)
+        ym, y0, yp = r.gather(-1, idx + self.around).unbind(-1)  # the peak's NCCF and its neighbours
         den = ym - 2.0 * y0 + yp
         den = torch.where(den.abs() > 1e-9, den, torch.full_like(den, -1e-9))
         delta = (0.5 * (ym - yp) / den).clamp(-0.5, 0.5)
-        lag = (idx + self.min_lag).to(torch.float32) + delta
+        lag = (idx.squeeze(-1) + self.min_lag).to(torch.float32) + delta
         peak = (y0 - 0.25 * (ym - yp) * delta).clamp(-1.0, 1.0)
-        peak = torch.where(best > -1.5, peak, torch.zeros_like(peak))  # no local maximum at all
-        return (self.pitch_sr / lag).squeeze(-1), peak.squeeze(-1)
+        peak = torch.where(best.squeeze(-1) > -1.5, peak, torch.zeros_like(peak))  # no local maximum at all
+        return self.pitch_sr / lag, peak
 
     def forward(self, wave: Tensor) -> Tensor:
         x = wave.to(torch.float32)
@@ -274,14 +355,20 @@ class Functionals(nn.Module):
             x = F.pad(x, (0, self.win - x.shape[1]))
         hop_s = self.hop / self.sample_rate
         # ---- 25 ms frames: energy, zcr, spectrum
-        half = self.win // 2
         n_frames = x.shape[1] // self.hop + 1
-        wf = frames(F.pad(x, (half, self.win - half)), self.win, self.hop, n_frames)  # (B, T, W)
-        ms = torch.linalg.vector_norm(wf, dim=-1).pow(2) / self.win
+        wf = self.spectrogram.framed(x)  # (B, T, W) raw frames
+        half = self.win // 2
+        xp = F.pad(x, (half, self.win - half + self.hop))  # the frames' samples, and zeros after the last
+        if self.portable:  # energies from blocks of the squared signal (ONNX Runtime's ReduceL2 over frames is slow)
+            ms = _frame_sums(xp * xp, self.win, self.hop, n_frames) / self.win
+        else:
+            ms = torch.linalg.vector_norm(wf, dim=-1).pow(2) / self.win
         loud = 10.0 * torch.log10(ms + 1e-10)
-        amp = ms.sqrt()
-        zcr = ((wf[:, :, 1:] * wf[:, :, :-1]) < 0).to(torch.float32).mean(-1)
-        power = self.spectrogram(x)  # (B, T, K)
+        # sign changes between neighbours, over each frame's win - 1 pairs (zeros after the end change nothing)
+        change = ((xp[:, 1:] * xp[:, :-1]) < 0).to(torch.float32)  # pair (j, j + 1) at j
+        last = change[:, self.win - 1 :: self.hop][:, :n_frames]  # each frame's pair with the sample after it
+        zcr = (_frame_sums(change, self.win, self.hop, n_frames) - last) / (self.win - 1)
+        power = self.spectrogram.power(wf)  # (B, T, K)
         bands = torch.matmul(power, self.band_w)
         alpha = 10.0 * torch.log10((bands[:, :, 0] + 1e-10) / (bands[:, :, 1] + 1e-10))
         centroid = bands[:, :, 2] / (bands[:, :, 3] + 1e-10)
@@ -298,85 +385,68 @@ class Functionals(nn.Module):
         flux = torch.cat([torch.zeros_like(cos[:, :1]), (2.0 - 2.0 * cos).clamp_min(0.0).sqrt()], dim=1)
 
         # ---- masks
-        max_loud = loud.amax(-1, keepdim=True)
-        active = (loud > max_loud - 40.0) & (loud > -70.0)
+        active = (loud > loud.amax(-1, keepdim=True) - 40.0) & (loud > -70.0)
         f0_hz, nccf = self._pitch(x)
         f0_hz = f0_hz[:, :n_frames]  # the decimated framing may yield one extra frame
         nccf = nccf[:, :n_frames]
         raw_voiced = active & (nccf >= self.voicing_threshold)
         support = F.avg_pool1d(raw_voiced.to(torch.float32).unsqueeze(1), 3, 1, 1).squeeze(1)
         voiced = raw_voiced & (support > 0.5)  # drop isolated single voiced frames
-        unvoiced = active & ~voiced
-        first = torch.arange(n_frames, device=x.device).unsqueeze(0) > 0
-        v_pair = voiced & _prev_pair(voiced) & first
-        a_pair = active & _prev_pair(active) & first
+        no = torch.zeros_like(voiced[:, :1])
+        v_pair = voiced & torch.cat([no, voiced[:, :-1]], dim=1)  # voiced, and so was the frame before
+        a_pair = active & torch.cat([no, active[:, :-1]], dim=1)
 
+        # ---- frame-to-frame changes: each track minus its previous frame's value (the first frame's is 0)
         f0_st = torch.where(voiced, 12.0 * torch.log2(f0_hz / 27.5), torch.zeros_like(f0_hz))
+        smooth = F.avg_pool1d(loud.unsqueeze(1), 5, 1, 2, count_include_pad=False).squeeze(1)
+        tracks = torch.stack([f0_hz, ms.sqrt(), f0_st, smooth], dim=1)  # (B, 4, T); ms.sqrt() is the frame RMS
+        before = torch.cat([tracks[:, :, :1], tracks[:, :, :-1]], dim=2)
+        change = tracks - before
+        jitter = change[:, 0].abs() / before[:, 0]
+        shimmer = change[:, 1].abs() / (before[:, 1] + 1e-8)
+        d_f0 = change[:, 2] / hop_s
+        d_loud = change[:, 3] / hop_s
         r = nccf.clamp(1e-4, 1.0 - 1e-4)
         hnr = 10.0 * torch.log10(r / (1.0 - r))
-        f0_prev = _prev_pair(f0_hz)
-        jitter = (f0_hz - f0_prev).abs() / f0_prev
-        amp_prev = _prev_pair(amp)
-        shimmer = (amp - amp_prev).abs() / (amp_prev + 1e-8)
-        d_f0 = (f0_st - _prev_pair(f0_st)) / hop_s
-        smooth = F.avg_pool1d(loud.unsqueeze(1), 5, 1, 2, count_include_pad=False).squeeze(1)
-        d_loud = (smooth - _prev_pair(smooth)) / hop_s
 
-        # ---- 1. percentile group
-        pct_x = torch.stack([f0_st, loud], dim=1)
-        pct_m = torch.stack([voiced, torch.ones_like(voiced)], dim=1)
-        mean_p, std_p = _masked_mean_std(pct_x, pct_m.to(torch.float32))
-        q = _masked_percentiles(pct_x, pct_m, self.quantiles)  # (B, 2, 3)
-        group1 = torch.cat(
-            [mean_p.unsqueeze(-1), std_p.unsqueeze(-1), q, (q[:, :, 2] - q[:, :, 0]).unsqueeze(-1)], dim=-1
-        ).flatten(1)
-
-        # ---- 2. mean/std group (row order must match self.names)
-        zero = torch.zeros_like(d_f0)
-        xs = [hnr, jitter, shimmer, d_f0.clamp_min(0.0), (-d_f0).clamp_min(0.0)]
-        ms_ = [voiced, v_pair, v_pair, v_pair & (d_f0 > 0), v_pair & (d_f0 < 0)]
-        xs += [d_loud.clamp_min(0.0), (-d_loud).clamp_min(0.0)]
-        ms_ += [a_pair & (d_loud > 0), a_pair & (d_loud < 0)]
-        for lld in [alpha, ham, slopes[:, :, 0], slopes[:, :, 1]]:
-            xs += [lld, lld]
-            ms_ += [voiced, unvoiced]
-        xs += [centroid, flux, flux, zcr]
-        ms_ += [active, a_pair, v_pair, active]
-        for i in range(self.n_mfcc):
-            xs.append(mfcc[:, :, i])
-            ms_.append(active)
-        stat_x = torch.stack(xs, dim=1)
-        stat_m = torch.stack(ms_, dim=1).to(torch.float32)
-        stat_x = torch.where(stat_m > 0, stat_x, zero.unsqueeze(1))  # unselected frames may hold junk
-        mean_s, std_s = _masked_mean_std(stat_x, stat_m)
-        group2 = torch.stack([mean_s, std_s], dim=-1).flatten(1)
+        # ---- masked mean and std of every frame value (rows: see self.row_base), percentiles of f0 and loudness
+        rows = torch.stack(
+            [f0_st, loud, hnr, jitter, shimmer, d_f0.clamp_min(0.0), (-d_f0).clamp_min(0.0), d_loud.clamp_min(0.0),
+             (-d_loud).clamp_min(0.0), alpha, alpha, ham, ham, slopes[:, :, 0], slopes[:, :, 0], slopes[:, :, 1],
+             slopes[:, :, 1], centroid, flux, flux, zcr], dim=-1)  # fmt: skip
+        values = torch.cat([rows, mfcc], dim=-1)  # (B, T, rows), finite for finite audio
+        rising = torch.stack([d_f0 > 0, d_loud > 0], dim=-1)
+        falling = torch.stack([d_f0 < 0, d_loud < 0], dim=-1)
+        pairs = torch.stack([v_pair, a_pair], dim=-1)
+        unvoiced = active & ~voiced
+        bases = torch.stack([voiced, torch.ones_like(voiced), v_pair], dim=-1)
+        bases = torch.cat([bases, pairs & rising, pairs & falling, torch.stack([unvoiced, active, a_pair], dim=-1)],
+                          dim=-1)  # the order of the bases in __init__
+        masks = torch.matmul(bases.to(torch.float32), self.row_base)  # (B, T, rows), a one-hot pick
+        counts = masks.sum(1)
+        n = counts.clamp_min(1.0)
+        mean = (values * masks).sum(1) / n
+        spread = (values - mean.unsqueeze(1)) * masks
+        std = ((spread * spread).sum(1) / n).sqrt()
+        q = _masked_percentiles(values[:, :, :2].transpose(1, 2), masks[:, :, :2].transpose(1, 2) > 0,
+                                self.quantiles)  # (B, 2, 3)
+        group1 = torch.stack([mean[:, :2], std[:, :2], q[:, :, 0], q[:, :, 1], q[:, :, 2], q[:, :, 2] - q[:, :, 0]],
+                             dim=-1).flatten(1)
+        group2 = torch.stack([mean[:, 2:], std[:, 2:]], dim=-1).flatten(1)
 
         # ---- 3. temporal
-        n_active = active.sum(1).to(torch.float32)
-        voiced_fraction = voiced.sum(1).to(torch.float32) / n_active.clamp_min(1.0)
+        voiced_fraction = counts[:, 0] / counts[:, self.active_row].clamp_min(1.0)
         leq = 10.0 * torch.log10(ms.mean(1) + 1e-10)
         duration = n_frames * hop_s
-        # running max / min over +-10 / +-20 frames (max_pool1d would fix the input length in torch.export)
-        local_max = F.pad(smooth, (10, 10), value=-math.inf).unfold(1, 21, 1).amax(-1)
-        local_min = F.pad(smooth, (20, 20), value=math.inf).unfold(1, 41, 1).amin(-1)
-        peak = active & (smooth >= local_max) & (smooth > _prev_pair(smooth)) & (smooth - local_min >= 3.0)
+        # the running max / min over +-10 / +-20 frames
+        local_min = -_running_max(-smooth, 20, self.portable)
+        peak = active & (smooth >= _running_max(smooth, 10, self.portable)) & (d_loud > 0) & (smooth - local_min >= 3.0)
         peaks_per_s = peak.sum(1).to(torch.float32) / duration
-        n_vseg, v_len, v_std = _segment_lengths(voiced)
         cum_v = torch.cumsum(voiced.to(torch.int32), dim=1)
-        after = cum_v[:, -1:] - cum_v  # voiced frames strictly after t
-        pause = ~voiced & (cum_v > 0) & (after > 0)
-        _, u_len, u_std = _segment_lengths(pause)
+        pause = ~voiced & (cum_v > 0) & (cum_v < cum_v[:, -1:])  # unvoiced, with voiced frames before and after
+        count, seg_len, seg_std = _segment_lengths(torch.cat([voiced, pause], dim=0))  # voiced rows, then pauses
+        b = x.shape[0]
         group3 = torch.stack(
-            [
-                voiced_fraction,
-                leq,
-                peaks_per_s,
-                n_vseg / duration,
-                v_len * hop_s,
-                v_std * hop_s,
-                u_len * hop_s,
-                u_std * hop_s,
-            ],
-            dim=1,
-        )
+            [voiced_fraction, leq, peaks_per_s, count[:b] / duration, seg_len[:b] * hop_s, seg_std[:b] * hop_s,
+             seg_len[b:] * hop_s, seg_std[b:] * hop_s], dim=1)  # fmt: skip
         return torch.cat([group1, group2, group3], dim=1)

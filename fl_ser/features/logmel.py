@@ -84,7 +84,7 @@ class LogMel(nn.Module):
         self.sample_rate = sample_rate
         self.n_samples = n_samples
         self.frames = frames
-        self.spectrogram = PowerSpectrogram.centred(torch.hann_window(win, dtype=torch.float64), n_fft, hop)
+        self.spectrogram = PowerSpectrogram.centred(torch.hann_window(win), n_fft, hop)
         self.register_buffer("mel_fb", mel_filters(sample_rate, n_fft, n_mels), persistent=False)
         self.output_shape = (1, n_mels, frames)
         self.kind = "sequence"

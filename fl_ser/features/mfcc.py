@@ -51,7 +51,7 @@ class MFCCDeltas(nn.Module):
         self.frames = frames
         if n_mfcc > n_mels:
             raise ValueError(f"MFCCDeltas: n_mfcc={n_mfcc} exceeds n_mels={n_mels}")
-        self.spectrogram = PowerSpectrogram.centred(torch.hann_window(win, dtype=torch.float64), n_fft, hop)
+        self.spectrogram = PowerSpectrogram.centred(torch.hann_window(win), n_fft, hop)
         self.register_buffer("mel_fb", mel_filters(sample_rate, n_fft, n_mels), persistent=False)
         self.register_buffer("dct", torchaudio.functional.create_dct(n_mfcc, n_mels, norm="ortho"), persistent=False)
         self.output_shape = (3, n_mfcc, frames)
