@@ -319,13 +319,13 @@ class Functionals(nn.Module):
             x = y
         pf = self.pitch_spectrogram.framed(x)
         pf = pf - pf.mean(-1, keepdim=True)  # (B, T', N) raw 40 ms frames, mean removed
-        power = self.pitch_spectrogram.power(pf, natural=not self.portable)
         lo = self.min_lag - 1  # lags lo .. hi-1, one extra on each side of the search range
         hi = self.max_lag + 2
         if self.portable:  # (B, T', n_lags) linear autocorrelation: inverse DFT of the power
-            ac = torch.matmul(power, self.lag_w)
-        else:
-            ac = torch.fft.irfft(power, n=self.p_fft)[:, :, lo:hi]
+            ac = torch.matmul(self.pitch_spectrogram.power(pf, natural=False), self.lag_w)
+        else:  # the power as the complex product itself: the inverse FFT takes it without a copy
+            spectrum = torch.fft.rfft(pf, n=self.p_fft)
+            ac = torch.fft.irfft(spectrum * spectrum.conj(), n=self.p_fft)[:, :, lo:hi]
         n = self.pwin
         if self.portable:  # see _prefix_sums
             cum = _prefix_sums(pf * pf, self.sum_within, self.sum_across)

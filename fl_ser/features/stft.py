@@ -78,7 +78,7 @@ class PowerSpectrogram(nn.Module):
         taps = F.pad(w, (int(window_offset), 0))[: self.width]  # zeros up to the window's offset (torch.stft's frame)
         self.unit_window = bool(torch.all(taps == 1.0))  # a rectangular window from the frame's start: no multiply
         self.register_buffer("window", taps.float(), persistent=False)
-        self.portable = False  # True: DFT by matmul (see portable())
+        self.portable = False  # True: the portable graph, the DFT by matmuls (see portable())
         # the factored DFT (module docstring): n = n1 + N1 n2, k = k2 + N2 k1
         self.n1, self.n2 = N1, self.n_fft // N1
         self.rows = -(-self.width // N1)  # values of n2 that meet samples
@@ -112,8 +112,8 @@ class PowerSpectrogram(nn.Module):
         return cls(window, n_fft, hop, (n_fft // 2, n_fft // 2), "reflect", (n_fft - window.numel()) // 2)
 
     def framed(self, wave: Tensor) -> Tensor:
-        """``(B, L) -> (B, T, width)``: the first ``width`` samples of each frame (the others meet zero taps). The
-        FFT path returns a strided view, the matmul path copies (see :func:`frames`)."""
+        """``(B, L) -> (B, T, width)``: the first ``width`` samples of each frame (the others meet zero taps). Torch's
+        graph returns a strided view, the portable one copies (see :func:`frames`)."""
         x = F.pad(wave.unsqueeze(1), (self.pad_left, self.pad_right), mode=self.pad_mode).squeeze(1)
         n = 1 + (x.shape[-1] - self.n_fft) // self.hop
         if self.portable:
