@@ -101,49 +101,57 @@ def _targets(node) -> list[str]:
 
 
 def eager_model(store: ModelStore, version: int) -> tuple[EmotionPipeline, list[str], dict]:
-    """The stored version as the eager pipeline it was exported from, its labels and meta.
-
-    The modules come from the version's ``config.yaml`` (features, model, labels), the normaliser's
-    settings and every weight and buffer from its TorchScript file (``load_state_dict``, strict).
-    """
-    from omegaconf import OmegaConf
-
-    from fl_ser.task import new_classifier, pipeline
-
+    """The stored version as the eager pipeline it was exported from, its labels and meta (see :func:`rebuild`)."""
     stored = store.get(version)
     if RELEASE_CONFIG_FILE not in stored.digests:
         raise StoreError(
             f"model v{version:04d} in {store.root} holds no {RELEASE_CONFIG_FILE} (it was stored before releases "
             "carried one), so it cannot be rebuilt and exported. Fix: personalise a version received since"
         )
-    cfg = OmegaConf.create(store.read(stored, RELEASE_CONFIG_FILE).decode())
+    model = rebuild(store.read(stored, RELEASE_CONFIG_FILE), store.read(stored, ARTIFACT), stored.labels,
+                    f"model v{version:04d} in {store.root}")
+    return model, stored.labels, stored.meta
+
+
+def rebuild(config: bytes, artifact: bytes, labels: list[str], source: str) -> EmotionPipeline:
+    """The eager pipeline a release was exported from (eval mode, no gradients), from its ``config.yaml`` and
+    TorchScript file; ``source`` names them in errors (:class:`StoreError`).
+
+    The modules come from the config (features, model; only fl-ser's own, :data:`~fl_ser.protocol.RELEASE_TARGETS`),
+    the normaliser's settings and every weight and buffer from the TorchScript file (``load_state_dict``, strict).
+    """
+    from omegaconf import OmegaConf
+
+    from fl_ser.task import new_classifier, pipeline
+
+    cfg = OmegaConf.create(config.decode())
     foreign = sorted(set(_targets(OmegaConf.to_container(cfg.features)) + _targets(OmegaConf.to_container(cfg.model)))
                      - RELEASE_TARGETS)
     if foreign:  # the server wrote this config: never let it name what the device runs
         raise StoreError(
-            f"model v{version:04d} in {store.root}: its {RELEASE_CONFIG_FILE} names {foreign}, which is not one of "
+            f"{source}: its {RELEASE_CONFIG_FILE} names {foreign}, which is not one of "
             f"fl-ser's feature extractors or classifiers {sorted(RELEASE_TARGETS)}; the device builds nothing else. "
-            "Fix: personalise a release made by fl-ser"
+            "Fix: use a release made by fl-ser"
         )
-    scripted = load_torchscript(store.read(stored, ARTIFACT))
+    scripted = load_torchscript(artifact)
     norm = scripted.normalizer
     shape = tuple(int(s) for s in norm.shape)
     normalizer = (UtteranceNormalizer(shape, str(norm.kind), float(norm.min_std))
                   if norm.original_name == "UtteranceNormalizer"
                   else FeatureNormalizer(shape, str(norm.kind), float(norm.min_std), float(norm.bound)))
-    model = pipeline(cfg, new_classifier(cfg, len(stored.labels)), normalizer, stored.labels)
+    model = pipeline(cfg, new_classifier(cfg, len(labels)), normalizer, list(labels))
     state = scripted.state_dict()  # TorchScript's holds the non-persistent buffers too (e.g. DFT bases)
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     derived = [name for name in own if name not in model.state_dict()]
     differ = sorted(set(own) ^ set(state)) or [name for name in derived if not torch.equal(own[name], state[name])]
     if differ:
         raise StoreError(
-            f"model v{version:04d} in {store.root} is not the model its {RELEASE_CONFIG_FILE} builds with this "
-            f"version of fl-ser (they differ in {differ[:4]}). Fix: personalise with the fl-ser version the release "
+            f"{source} is not the model its {RELEASE_CONFIG_FILE} builds with this "
+            f"version of fl-ser (they differ in {differ[:4]}). Fix: use the fl-ser version the release "
             "was made with, or let the device receive a new release"
         )
     model.load_state_dict({name: state[name] for name in model.state_dict()}, strict=True)
-    return model.eval().requires_grad_(False), stored.labels, stored.meta
+    return model.eval().requires_grad_(False)
 
 
 def classifier_head(classifier: nn.Module) -> nn.Module:

@@ -13,9 +13,11 @@ left out. The model is the store's latest version unless ``--version`` names one
 
 The model runs under the best runtime present (:mod:`fl_ser.models.runtimes`): onnxruntime
 (``emotion_model.onnx``, no torch needed), else torch (``emotion_model.pt2``), else TorchScript
-(``emotion_model.pt``, the only file of versions stored before the other formats existed).
-``--runtime onnxruntime|torch|torchscript`` chooses one; a runtime that is not installed, or a
-version without its file, is an error that says what to install or choose instead.
+(``emotion_model.pt``, the only file of versions stored before the other formats existed), else
+ExecuTorch (``emotion_model.pte``, in versions ``clients.export_mobile --add`` stored).
+``--runtime onnxruntime|torch|torchscript|executorch`` chooses one; a runtime that is not installed, or a
+version without its file, is an error that says what to install or choose instead. A recording longer
+than an ExecuTorch program takes (``--max-seconds`` of its export) is reported and skipped.
 
 With ``--fhe URL`` the classifier runs on an inference server (``python -m server.inference_service``)
 that sees only ciphertexts: the device computes the features and normalisation itself, encrypts
@@ -45,7 +47,16 @@ from fl_ser.data.audio import AudioError, read_audio
 from fl_ser.data.corpus import CorpusError
 from fl_ser.data.loaders import DeviceFolder, wav_files
 from fl_ser.metrics import classification_report
-from fl_ser.models.runtimes import RUNTIMES, Run, RuntimeMissing, file_of, installed, open_model, require
+from fl_ser.models.runtimes import (
+    RUNTIMES,
+    InputTooLong,
+    Run,
+    RuntimeMissing,
+    file_of,
+    installed,
+    open_model,
+    require,
+)
 
 #: The device's CKKS keys for encrypted inference, inside its model store.
 FHE_KEY_DIR = "fhe"
@@ -101,8 +112,14 @@ def torchscript_classifier(data: bytes, labels: Sequence[str]) -> Classify:
     return _checked(open_model("torchscript", data), labels)
 
 
+def executorch_classifier(data: bytes, labels: Sequence[str]) -> Classify:
+    """The stored ExecuTorch program (``emotion_model.pte``, clients.export_mobile) as a :data:`Classify`."""
+    return _checked(open_model("executorch", data), labels)
+
+
 #: One function per runtime (:data:`~fl_ser.models.runtimes.RUNTIMES`, in order of preference).
-CLASSIFIERS = {"onnxruntime": onnx_classifier, "torch": program_classifier, "torchscript": torchscript_classifier}
+CLASSIFIERS = {"onnxruntime": onnx_classifier, "torch": program_classifier, "torchscript": torchscript_classifier,
+               "executorch": executorch_classifier}
 
 
 def choose_runtime(stored: StoredModel, runtime: str | None = None) -> str:
@@ -115,10 +132,12 @@ def choose_runtime(stored: StoredModel, runtime: str | None = None) -> str:
     if runtime is not None:
         if file_of(runtime) not in held:
             usable = [r for r in CLASSIFIERS if file_of(r) in held]
+            make = (f"make one: python -m clients.export_mobile --store {stored.path.parent} --version "
+                    f"{stored.version} --add" if runtime == "executorch" else
+                    "a version released since fl-ser exports every format")
             raise StoreError(
                 f"model v{stored.version:04d} in {stored.path.parent} has no {file_of(runtime)} for --runtime "
-                f"{runtime} (it holds {held}). Fix: use --runtime {' or '.join(usable)}, or a version released "
-                "since fl-ser exports every format"
+                f"{runtime} (it holds {held}). Fix: use --runtime {' or '.join(usable)}, or {make}"
             )
         require(runtime)
         return runtime
@@ -127,8 +146,8 @@ def choose_runtime(stored: StoredModel, runtime: str | None = None) -> str:
             return candidate
     raise RuntimeMissing(
         f"no runtime installed here can run model v{stored.version:04d} in {stored.path.parent} (it holds {held}). "
-        "Fix: pip install onnxruntime (fl-ser[device]) for emotion_model.onnx, or torch for emotion_model.pt2 "
-        "and emotion_model.pt"
+        "Fix: pip install onnxruntime (fl-ser[device]) for emotion_model.onnx, torch for emotion_model.pt2 "
+        "and emotion_model.pt, or executorch (fl-ser[mobile]) for emotion_model.pte"
     )
 
 
@@ -152,7 +171,11 @@ def predict_files(
         except AudioError as err:
             failures.append(Failure(name, err.reason, err.detail))
             continue
-        values = [float(p) for p in classify(wave)]
+        try:
+            values = [float(p) for p in classify(wave)]
+        except InputTooLong as err:  # longer than an ExecuTorch program's bound
+            failures.append(Failure(name, "too long", str(err)))
+            continue
         top = max(range(len(values)), key=values.__getitem__)
         predictions.append(Prediction(name, labels[top], dict(zip(labels, values, strict=True))))
     return predictions, failures
@@ -219,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluate", action="store_true", help="score the model on a participant folder's labels")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--runtime", choices=list(RUNTIMES), help="run the model with this runtime "
-                        "(default: the first installed of onnxruntime, torch, torchscript whose file the version has)")
+                        f"(default: the first installed of {', '.join(RUNTIMES)} whose file the version has)")
     parser.add_argument("--fhe", metavar="URL", help="classify encrypted on this inference server "
                         "(python -m server.inference_service); features and key stay on the device")
     args = parser.parse_args(argv)

@@ -1,8 +1,10 @@
 """Check a participant's folder before a trial: every problem, with its file and line, and whether it is usable.
+With ``--store``, check that the device's stored model loads and runs, too.
 
     python -m clients.validate DATA_DIR [--labels anger,boredom,...] [--min-utterances N]
                                [--min-per-emotion K] [--min-sample-rate HZ] [--max-seconds S]
                                [--long-files skip|crop] [--json] ...
+    python -m clients.validate [DATA_DIR ...] --store STORE_DIR [--version N] [--runtime R] [--json]
 
 The folder is what :class:`~fl_ser.data.loaders.DeviceFolder` reads: WAV files plus
 ``labels.csv`` with header ``file,emotion``. Errors make the folder unusable as it is
@@ -26,6 +28,15 @@ Warnings: files at other rates above 16 kHz (resampled when read), clipped or cr
 (``fl_ser.data.audio.NOTES``: kept), WAV files in the folder that ``labels.csv`` does not
 list (ignored), two rows with identical audio, and emotions of ``--labels`` with no usable
 recording. Nothing is sent anywhere.
+
+The model check (``--store``) reads the store's latest version (``--version N``: that one), its file for the
+runtime (``--runtime onnxruntime|torch|torchscript|executorch``; default: the best present, as
+``clients.predict`` chooses), checked against its recorded sha256, loads it in that runtime and runs it on a
+deterministic 3 s test signal (:func:`~fl_ser.models.runtimes.probe_signal`). It reports the output's shape, which
+must be one row of one probability per label, and their sum, which must be 1 (within 1e-4) with none negative or
+not finite. Each failure is an error naming the fix: an empty store, a missing version or file, a runtime that is
+not installed, a damaged file, a model that does not load or gives the wrong output. Under onnxruntime it needs
+no torch (``pip install fl-ser[device]``, see README "Inference on a device").
 """
 
 from __future__ import annotations
@@ -38,14 +49,18 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from clients.cli import EXIT_FAILED, EXIT_OK, table, to_json
+from clients.model_store import ModelStore, StoreError
 from fl_ser.data.audio import LONG_FILES, NOTES, AudioError, AudioPolicy, load_audio
 from fl_ser.data.corpus import EMOTIONS, SAMPLE_RATE, CorpusError, LoadReport
 from fl_ser.data.loaders import DeviceFolder, normalise_emotion, wav_files
+from fl_ser.models.runtimes import RUNTIMES, RuntimeMissing, file_of, open_model, probe_signal
 
 #: Defaults: enough utterances for a useful local update, and for a personalisation hold-out per emotion.
 MIN_UTTERANCES = 20
 MIN_PER_EMOTION = 3
 _LIST_AT_MOST = 5  # files named in a warning that groups many
+#: The model check: the test signal's length (s), and how far from 1 its probabilities may sum (float32 softmax).
+PROBE_SECONDS, SUM_TOLERANCE = 3.0, 1e-4
 
 
 @dataclass(frozen=True)
@@ -201,6 +216,80 @@ def validate_folder(
     return report
 
 
+@dataclass
+class ModelReport:
+    """What :func:`validate_model` found; the model is usable when there are no errors."""
+
+    store: str
+    version: int | None = None
+    runtime: str | None = None
+    file: str | None = None
+    labels: list[str] = field(default_factory=list)
+    output_shape: list[int] | None = None  # for one waveform of PROBE_SECONDS
+    probability_sum: float | None = None
+    top: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, **asdict(self)}
+
+    def text(self) -> str:
+        name = f"model v{self.version:04d} in {self.store}" if self.version is not None else f"model store {self.store}"
+        lines = [f"checking {name}"]
+        if self.output_shape is not None:
+            lines.append(f"{self.file} under {self.runtime}: output {tuple(self.output_shape)} for a "
+                         f"{PROBE_SECONDS:g} s test signal, probabilities sum to {self.probability_sum:.6f} "
+                         f"(top: {self.top})")
+        lines += [f"ERROR    {error}" for error in self.errors]
+        lines.append(f"{'OK' if self.ok else 'NOT USABLE'}: {len(self.errors)} error(s)")
+        return "\n".join(lines)
+
+
+def validate_model(store_dir: str | Path, version: int | None = None, runtime: str | None = None) -> ModelReport:
+    """Load the stored model (the latest version unless ``version``) in ``runtime`` (default: the best present) and
+    run it on a test signal; see the module docstring. Imports torch only for a torch runtime."""
+    import numpy as np
+
+    from clients.predict import choose_runtime
+
+    report = ModelReport(str(Path(store_dir).expanduser()))
+    try:
+        store = ModelStore(store_dir)
+        stored = store.latest() if version is None else store.get(version)
+        report.version, report.labels = stored.version, list(stored.labels)
+        report.runtime = choose_runtime(stored, runtime)
+        report.file = file_of(report.runtime)
+        data = store.read(stored, report.file)
+    except (StoreError, RuntimeMissing) as err:
+        report.errors.append(str(err))
+        return report
+    try:
+        probs = np.asarray(open_model(report.runtime, data)(probe_signal(PROBE_SECONDS)[None]), dtype=np.float64)
+    except Exception as err:  # each runtime raises its own types for a file it cannot load or run
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        report.errors.append(
+            f"{report.file} does not load or run under {report.runtime} ({type(err).__name__}: {first}). Fix: use "
+            "another --version or --runtime, or delete this version and let the device receive the model again"
+        )
+        return report
+    report.output_shape = list(probs.shape)
+    if probs.shape != (1, len(report.labels)):
+        report.errors.append(f"the model gave shape {probs.shape} for one waveform, but its {len(report.labels)} "
+                             f"labels need (1, {len(report.labels)}). Fix: use another version; this one is broken")
+        return report
+    report.probability_sum = float(probs.sum())
+    report.top = report.labels[int(probs.argmax())]
+    if not np.isfinite(probs).all() or (probs < 0).any() or abs(report.probability_sum - 1) > SUM_TOLERANCE:
+        report.errors.append(f"the model's probabilities {np.round(probs[0], 6).tolist()} are not a distribution "
+                             f"(sum {report.probability_sum:.6f}, allowed 1 +- {SUM_TOLERANCE}). Fix: use another "
+                             "version; this one is broken")
+    return report
+
+
 def _label_set(text: str) -> list[str]:
     names = [name for name in (part.strip() for part in text.split(",")) if name]
     canonical = [normalise_emotion(name) for name in names]
@@ -218,23 +307,42 @@ def _count(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clients.validate", description=__doc__.split("\n")[0])
-    parser.add_argument("data_dir", metavar="DATA_DIR", help="the participant's folder (WAV files + labels.csv)")
+    parser.add_argument("data_dir", metavar="DATA_DIR", nargs="?",
+                        help="the participant's folder (WAV files + labels.csv)")
     parser.add_argument("--labels", type=_label_set, help="the experiment's label set, comma-separated")
     parser.add_argument("--min-utterances", type=_count, default=MIN_UTTERANCES, metavar="N")
     parser.add_argument("--min-per-emotion", type=_count, default=MIN_PER_EMOTION, metavar="K")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--store", metavar="STORE_DIR", help="also check that the device's stored model runs")
+    parser.add_argument("--version", type=int, metavar="N", help="with --store: the version (default: the latest)")
+    parser.add_argument("--runtime", choices=list(RUNTIMES), help="with --store: run the model with this runtime "
+                        f"(default: the first installed of {', '.join(RUNTIMES)} whose file the version has)")
     for setting in fields(AudioPolicy):  # the audio policy's settings, named as in the experiment's data.audio
         parser.add_argument(f"--{setting.name.replace('_', '-')}", type=type(setting.default), default=setting.default,
                             choices=LONG_FILES if setting.name == "long_files" else None,
                             help=f"audio policy (fl_ser.data.audio.AudioPolicy); default {setting.default}")
     args = parser.parse_args(argv)
+    if args.data_dir is None and args.store is None:
+        parser.error("give a participant folder (DATA_DIR), a model store (--store STORE_DIR), or both")
+    if args.store is None and (args.version is not None or args.runtime is not None):
+        parser.error("--version and --runtime choose the stored model to check: give --store STORE_DIR too")
     try:
         audio = AudioPolicy(**{setting.name: getattr(args, setting.name) for setting in fields(AudioPolicy)})
     except ValueError as err:
         parser.error(str(err))
-    report = validate_folder(args.data_dir, args.labels, args.min_utterances, args.min_per_emotion, audio)
-    print(to_json(report.to_dict()) if args.json else report.text())
-    return EXIT_OK if report.ok else EXIT_FAILED
+    reports: list[ValidationReport | ModelReport] = []
+    if args.data_dir is not None:
+        reports.append(validate_folder(args.data_dir, args.labels, args.min_utterances, args.min_per_emotion, audio))
+    if args.store is not None:
+        reports.append(validate_model(args.store, args.version, args.runtime))
+    ok = all(report.ok for report in reports)
+    if args.json:
+        model = [r.to_dict() for r in reports if isinstance(r, ModelReport)]
+        folder = [r.to_dict() for r in reports if isinstance(r, ValidationReport)]
+        print(to_json((folder[0] if folder else {}) | ({"model": model[0]} if model else {}) | {"ok": ok}))
+    else:
+        print("\n\n".join(report.text() for report in reports))
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 if __name__ == "__main__":

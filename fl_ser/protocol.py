@@ -20,9 +20,11 @@ KEY_PROXIMAL_MU = "proximal_mu"  # FedProx (flwr.server.strategy.FedProx sends i
 #: total against anyone who sees this device's own update (differs from the total only under distributed DP).
 EPSILON_METRICS = ("epsilon", "epsilon_run", "epsilon_normalization", "epsilon_training", "epsilon_local")
 
-#: The release's model files by format (fl_ser/models/export.py writes them, fl_ser/models/runtimes.py runs them):
-#: one model three times. Releases made before ONNX export hold only the TorchScript file.
-MODEL_FILES = {"onnx": "emotion_model.onnx", "pt2": "emotion_model.pt2", "torchscript": "emotion_model.pt"}
+#: The model files by format (fl_ser/models/export.py writes them, fl_ser/models/runtimes.py runs them): a release
+#: holds the first three (export.FORMATS), one model three times; releases made before ONNX export hold only the
+#: TorchScript file. The ExecuTorch file for phones is made on request from a release (clients.export_mobile).
+MODEL_FILES = {"onnx": "emotion_model.onnx", "pt2": "emotion_model.pt2", "torchscript": "emotion_model.pt",
+               "pte": "emotion_model.pte"}
 RELEASE_CONFIG_FILE = "config.yaml"  # the resolved config the release was trained with (public)
 #: The only classes a device builds from a release's config (clients/personalise.py): the config comes from the
 #: server, and Hydra's instantiate would call any ``_target_`` it names. Every conf/features and conf/model

@@ -46,7 +46,8 @@ def _masked_percentiles(x: Tensor, m: Tensor, q: Tensor) -> Tensor:
 
     ``x, m``: (B, K, T), ``m`` bool; returns (B, K, len(q)); 0 where no frame is selected.
     """
-    s, _ = torch.sort(torch.where(m, x, torch.full_like(x, float("inf"))), dim=-1)
+    # topk of all, smallest first: sort's values; ExecuTorch 1.5.1 has no sort kernel
+    s, _ = torch.topk(torch.where(m, x, torch.full_like(x, float("inf"))), x.shape[-1], dim=-1, largest=False)
     s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
     n = m.sum(-1, keepdim=True).to(x.dtype)  # (B, K, 1)
     pos = (n - 1.0).clamp_min(0.0) * q  # (B, K, Q)
@@ -269,7 +270,7 @@ class Functionals(nn.Module):
                  "a_pair"]
         row_bases = ["voiced", "all", "voiced", "v_pair", "v_pair", "f0_rise", "f0_fall", "loud_rise", "loud_fall"]
         row_bases += ["voiced", "unvoiced"] * 4 + ["active", "a_pair", "v_pair", "active"] + ["active"] * self.n_mfcc
-        pick = F.one_hot(torch.tensor([bases.index(b) for b in row_bases]), len(bases)).T.float()
+        pick = F.one_hot(torch.tensor([bases.index(b) for b in row_bases]), len(bases)).T.float().contiguous()
         self.register_buffer("row_base", pick, persistent=False)  # (bases, rows)
         self.active_row = row_bases.index("active")
 

@@ -7,14 +7,18 @@ From the one eager pipeline (float waveform (B, samples) at 16 kHz -> probabilit
 * ``emotion_model.pt2``: ``torch.export`` with dynamic batch and time, saved by ``torch.export.save``;
 * ``emotion_model.pt``: TorchScript, for devices and tools that read releases made before the other two.
 
-ONNX is translated from the same ``torch.export`` program as the ``.pt2``: one trace, and without the
-onnxscript graph optimiser (``optimize=False``): with it, the functionals' spectral slopes moved by
-0.5 % and probabilities by up to 6e-4; without it they agree to 2e-5 (onnxruntime optimises the graph
-itself). Guards the symbolic shapes cannot prove at trace time (e.g. that a slice of the pitch track
-fits) become runtime asserts instead of fixing the input length. A model whose code branches on the
-input length in Python (or calls an op that fixes it) cannot be traced with a dynamic time axis:
-:class:`UnsupportedExport` names the format, the guard and the fix, and :func:`export_formats` leaves
-that format out (logged) rather than write a model that accepts one length only.
+The ``.pt2`` is traced as the eager model runs (torch's graph: spectra by ``torch.fft``). ONNX is translated
+from a second ``torch.export`` trace of the portable graph (:func:`~fl_ser.features.stft.portable`: spectra by
+DFT matmuls, since ONNX Runtime's DFT op is ~20x slower, and no CumSum, Gather or ReduceL2 on frames), without
+the onnxscript graph optimiser (``optimize=False``): it deletes ``x + 1e-10`` as if the constant were zero, and
+its folding moved the functionals' spectral slopes by 0.5 % (onnxruntime optimises the graph itself). What a
+device never reads is left out: the exporters' per-node notes (source lines and the build machine's paths,
+three quarters of the ONNX file) and the ``.pt2``'s example inputs. Guards the symbolic
+shapes cannot prove at trace time (e.g. that a slice of the pitch track fits) become runtime asserts instead of
+fixing the input length. A model whose code branches on the input length in Python (or calls an op that fixes
+it) cannot be traced with a dynamic time axis: :class:`UnsupportedExport` names the format, the guard and the
+fix, and :func:`export_formats` leaves that format out (logged) rather than write a model that accepts one
+length only.
 
 Before anything is written where it was asked, every format is loaded back from its bytes with the
 runtime a device uses (:mod:`fl_ser.models.runtimes`) and compared with the eager model on
@@ -27,6 +31,7 @@ Files are written into a fresh folder and moved into place only when all pass (:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -41,8 +46,9 @@ import numpy as np
 import torch
 
 from fl_ser.data.corpus import SAMPLE_RATE
+from fl_ser.features.stft import portable
 from fl_ser.models.pipeline import EmotionPipeline
-from fl_ser.models.runtimes import open_model
+from fl_ser.models.runtimes import open_model, probe_signal  # probe_signal: torch-free, for devices
 from fl_ser.protocol import MODEL_FILES
 
 log = logging.getLogger("fl_ser.export")
@@ -57,7 +63,7 @@ PROBE_SECONDS = (2.5, 4.1)
 #: Every release format, in the order they are written.
 FORMATS = ("onnx", "pt2", "torchscript")
 #: The runtime that checks each format (the one a device runs it with).
-RUNTIME_OF = {"onnx": "onnxruntime", "pt2": "torch", "torchscript": "torchscript"}
+RUNTIME_OF = {"onnx": "onnxruntime", "pt2": "torch", "torchscript": "torchscript", "pte": "executorch"}
 
 
 class ExportError(RuntimeError):
@@ -79,19 +85,6 @@ class Exported:
     files: dict[str, Path] = field(default_factory=dict)
     max_difference: dict[str, float] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)  # format -> why it could not be exported
-
-
-def probe_signal(seconds: float, seed: int = 0) -> np.ndarray:
-    """A deterministic voice-like test signal at 16 kHz: a harmonic tone gliding 120 -> 220 Hz with vibrato,
-    a syllable-rate envelope with pauses, and a little noise (float32, peak ~0.3)."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    f0 = 120.0 + 100.0 * t / seconds + 3.0 * np.sin(2 * np.pi * 5.0 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
-    voice = sum(np.sin(k * phase) / k for k in range(1, 16))
-    envelope = np.clip(np.sin(2 * np.pi * 2.5 * t), 0.0, None) ** 0.5
-    wave = 0.15 * envelope * voice + 0.003 * rng.standard_normal(len(t))
-    return wave.astype(np.float32)
 
 
 def probes(waves: Sequence[np.ndarray] = ()) -> list[np.ndarray]:
@@ -125,13 +118,23 @@ def write_torchscript(pipe: EmotionPipeline, path: Path) -> None:
         torch.jit.script(pipe).save(str(path))
 
 
-def program(pipe: EmotionPipeline) -> torch.export.ExportedProgram:
-    """The ``torch.export`` program of the pipeline, batch and time dynamic; raises :class:`UnsupportedExport`."""
-    example = torch.from_numpy(np.stack([probe_signal(3.5), probe_signal(3.5, seed=1)]))  # batch 2: not specialised
-    batch, time = torch.export.Dim("batch"), torch.export.Dim("time", min=MIN_SAMPLES)
+def program(pipe: EmotionPipeline, fft: bool = True, max_samples: int | None = None,
+            batch: int | None = None) -> torch.export.ExportedProgram:
+    """The ``torch.export`` program of the pipeline, batch and time dynamic; raises :class:`UnsupportedExport`.
+
+    ``fft=False`` traces the portable graph (:func:`~fl_ser.features.stft.portable`: DFT matmuls instead of FFTs,
+    among others), for runtimes without a fast FFT: ONNX Runtime, ExecuTorch. ``max_samples`` bounds the time axis
+    and ``batch`` fixes the batch axis (ExecuTorch plans its memory for the largest input:
+    :mod:`fl_ser.models.mobile`).
+    """
+    rows = 2 if batch is None else batch  # a dynamic batch axis needs an example of 2: one of 1 specialises it
+    example = torch.from_numpy(np.stack([probe_signal(3.5, seed=i) for i in range(rows)]))
+    time = torch.export.Dim("time", min=MIN_SAMPLES, max=max_samples)
+    dims = {0: torch.export.Dim("batch"), 1: time} if batch is None else {1: time}
     try:
-        return torch.export.export(pipe, (example,), dynamic_shapes=({0: batch, 1: time},), strict=False,
-                                   prefer_deferred_runtime_asserts_over_guards=True)
+        with contextlib.nullcontext() if fft else portable(pipe):
+            return torch.export.export(pipe, (example,), dynamic_shapes=(dims,), strict=False,
+                                       prefer_deferred_runtime_asserts_over_guards=True)
     except Exception as err:  # torch.export raises many types (UserError, GuardOnDataDependentSymNode, ...)
         lines = [line.strip() for line in str(err).splitlines() if line.strip().startswith("- ")]
         raise UnsupportedExport(
@@ -142,6 +145,12 @@ def program(pipe: EmotionPipeline) -> torch.export.ExportedProgram:
 
 
 def _pt2(exported: torch.export.ExportedProgram, path: Path) -> None:
+    """Save the program without what a device never reads: the trace's example inputs (0.45 MB) and each node's
+    source notes (stack traces, module paths: 0.3 MB and the build machine's file paths)."""
+    for node in exported.graph.nodes:
+        for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "torch_fn", "from_node"):
+            node.meta.pop(key, None)
+    exported.example_inputs = None
     torch.export.save(exported, str(path))
 
 
@@ -155,7 +164,10 @@ def _onnx(exported: torch.export.ExportedProgram, path: Path) -> None:
             f"torch.onnx cannot translate the model: {_reason(err)}. Fix: express the op named there with ops "
             "onnxscript translates (DEVELOPERS.md 'Release formats')"
         ) from err
-    onnx_program.save(str(path), external_data=False)
+    model = onnx_program.model_proto
+    for node in model.graph.node:  # the exporter's per-node notes: the build machine's paths and source lines, 3/4
+        del node.metadata_props[:]  # of the file; a device needs none of them
+    path.write_bytes(model.SerializeToString())
 
 
 def check(fmt: str, path: Path, pipe: EmotionPipeline, batches: Sequence[np.ndarray]) -> float:
@@ -196,12 +208,12 @@ def export_formats(pipe: EmotionPipeline, folder: str | Path, waves: Sequence[np
     batches = probes(waves)
     done = Exported()
     writers = {"torchscript": lambda path: write_torchscript(model, path)}
-    if {"onnx", "pt2"} & set(formats):  # one torch.export trace serves both
-        try:
-            exported = program(model)
-            writers |= {"pt2": lambda path: _pt2(exported, path), "onnx": lambda path: _onnx(exported, path)}
-        except UnsupportedExport as err:
-            done.unavailable |= {fmt: str(err) for fmt in ("onnx", "pt2") if fmt in formats}
+    for fmt, fft, write in (("pt2", True, _pt2), ("onnx", False, _onnx)):
+        if fmt in formats:
+            try:
+                writers[fmt] = functools.partial(write, program(model, fft))
+            except UnsupportedExport as err:
+                done.unavailable[fmt] = str(err)
     for fmt in FORMATS:
         if fmt not in writers or (fmt not in formats and fmt != "torchscript"):
             continue

@@ -12,8 +12,10 @@ so a device without torch can import it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
+import logging
 import os
 import sys
 import tempfile
@@ -110,6 +112,19 @@ def _torchscript(data: bytes) -> Run:
     return _torch_run(load_torchscript(data))
 
 
+@contextlib.contextmanager
+def quiet_pytree():
+    """Within the block, torch's pytree logs errors only: torchao, which ExecuTorch imports, registers an Enum the
+    way torch 2.14 deprecates, and torch warns about it on every import (nothing a user can act on)."""
+    logger = logging.getLogger("torch.utils._pytree")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _native_log(call: Callable[[], object]):
     """``call()`` with what native code writes to stderr (fd 2) held back: ExecuTorch logs its CPU probing on every
     load, and on failure it says only there (not in the exception) which op, kernel or input failed, so its last
@@ -134,10 +149,11 @@ def _native_log(call: Callable[[], object]):
 def _pte(data: bytes) -> Run:
     import numpy as np
     import torch
-    from executorch.runtime import Runtime
 
     from fl_ser.data.corpus import SAMPLE_RATE
 
+    with quiet_pytree():
+        from executorch.runtime import Runtime
     program = _native_log(lambda: Runtime.get().load_program(data))
     method = _native_log(lambda: program.load_method("forward"))
     rows, samples = method.metadata.input_tensor_meta(0).sizes()  # the upper bounds its memory is planned for
