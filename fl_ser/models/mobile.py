@@ -26,10 +26,10 @@ Two steps work around ExecuTorch 1.5.1 with torch 2.14.1 (DEVELOPERS.md "ExecuTo
   ("Missing input spec for lifted tensor").
 
 What XNNPACK does not take runs on ExecuTorch's portable kernels. An op the runtime has no kernel for (``aten.sort``
-in 1.5.1) would load and then fail on the phone; :func:`lower` refuses it with :class:`UnsupportedExport`, naming the
-op and its source line. Then the program is loaded back with ExecuTorch's runtime and compared with the eager model
-on :func:`fl_ser.models.export.probes` (:func:`~fl_ser.models.export.check`, the same :data:`ATOL`); only a file that
-passes is moved into place.
+in 1.5.1, which is why the functionals' percentiles use ``topk``) would load and then fail on the phone;
+:func:`lower` refuses it with :class:`UnsupportedExport`, naming the op and its source line. Then the program is
+loaded back with ExecuTorch's runtime and compared with the eager model on :func:`fl_ser.models.export.probes`
+(:func:`~fl_ser.models.export.check`, the same :data:`ATOL`); only a file that passes is moved into place.
 """
 
 from __future__ import annotations
