@@ -9,6 +9,11 @@ This launcher runs the unmodified ``flower-supernode`` with both waits capped at
 HTTPS request to the SuperLink: keep the default Flower SuperNode (3 s) for
 large fleets, use this where round latency matters (lab rehearsals, small labs).
 
+It also heartbeats every ``FL_SER_HEARTBEAT_S`` seconds (default 10, the least the SuperLink accepts; Flower's is
+30: :func:`fl_ser.flower_compat.install_heartbeat_interval`), so the SuperLink counts a device that died offline
+after 20 s instead of 60 (it stops sampling it, and a restarted device is let back in sooner), for one small
+request every ~4 s.
+
 ``--warm`` runs the SuperNode with ``--isolation process`` and
 :mod:`clients.warm_superexec` beside it, so ClientApp processes start without
 re-importing torch (POSIX only).
@@ -21,6 +26,7 @@ import subprocess
 import sys
 
 DEFAULT_POLL_INTERVAL_S = 0.2
+DEFAULT_HEARTBEAT_S = 10.0
 
 
 def main() -> None:
@@ -30,9 +36,14 @@ def main() -> None:
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(interval))  # Flower's own setting
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    from fl_ser.flower_compat import install_capped_sleep
+    from fl_ser.flower_compat import FlowerCompatError, install_capped_sleep, install_heartbeat_interval
 
     install_capped_sleep(interval)  # the pull / push waits of the SuperNode's main loop
+    heartbeat = float(os.environ.get("FL_SER_HEARTBEAT_S", DEFAULT_HEARTBEAT_S))
+    try:
+        install_heartbeat_interval(heartbeat)
+    except FlowerCompatError as err:
+        raise SystemExit(f"FL_SER_HEARTBEAT_S={heartbeat}: {err}") from err
     if "--warm" in sys.argv:
         sys.argv.remove("--warm")
         start_warm_executor()

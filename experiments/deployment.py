@@ -121,7 +121,8 @@ def _show_rounds(run_dir: Path, shown: int, total_rounds: int) -> int:
         return shown
     from server.records import round_line
 
-    rows = path.read_text().splitlines()
+    text = path.read_text()
+    rows = text[: text.rfind("\n") + 1].splitlines()  # whole lines only: the ServerApp may be appending the next one
     if len(rows) < shown:  # a resumed run rewrote the file without the round that was in flight
         shown = 0
     for line in rows[shown:]:

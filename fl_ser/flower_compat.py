@@ -62,6 +62,14 @@ what a Flower upgrade must recheck):
   seen by ``flwr.supernode.start_client_internal``: its 3 s idle wait made a
   four-exchange SecAgg+ round cost over 10 s on loopback. Recheck that the
   SuperNode's loop still waits with ``time.sleep`` from that module.
+- ``supernode-heartbeat`` (:func:`install_heartbeat_interval`): the heartbeat
+  interval (``HEARTBEAT_DEFAULT_INTERVAL``, 30 s) that the SuperNode announces to
+  the SuperLink and paces its heartbeats by. The SuperLink counts a node offline
+  two intervals after its last heartbeat, so a device that died stayed "online"
+  (sampled, then dropped) for up to 60 s and a restarted one was refused until
+  then. Recheck that ``fleet_http_connection.http_request_response`` and
+  ``HeartbeatSender._run`` still read that module-level constant, and the
+  SuperLink's accepted range (``HEARTBEAT_MIN_INTERVAL``).
 - ``superexec-fork-executor`` (:func:`install_fork_executor`):
   ``run_superexec.get_executor`` for the subprocess executor, so that ClientApp
   processes are forked from a parent with torch imported (~8 s of CPU saved per
@@ -144,7 +152,7 @@ class MaskSchemeMismatch(RuntimeError):
 
 def _looked_up(function, name: str) -> bool:
     """Whether ``function`` (or code nested in it) refers to ``name`` as a global or attribute."""
-    stack = [function.__code__]
+    stack = [inspect.unwrap(function).__code__]  # a decorated function's own code (e.g. a @contextmanager)
     while stack:
         code = stack.pop()
         if name in code.co_names:
@@ -243,6 +251,11 @@ SIM_DISPATCH = Patch(
 CAPPED_SLEEP = Patch(
     "supernode-capped-sleep", "the time module seen by flwr.supernode.start_client_internal",
     "that the SuperNode's main loop still waits with time.sleep looked up in that module")
+HEARTBEAT = Patch(
+    "supernode-heartbeat", "HEARTBEAT_DEFAULT_INTERVAL in flwr.supernode.fleet_http_connection and "
+    "flwr.supercore.heartbeat (the SuperNode's announced heartbeat interval and its pace)",
+    "that http_request_response and HeartbeatSender._run still read it from their modules, and the SuperLink's "
+    "accepted range HEARTBEAT_MIN_INTERVAL .. HEARTBEAT_MAX_INTERVAL")
 FORK_EXECUTOR = Patch(
     "superexec-fork-executor", "flwr.supercore.superexec.run_superexec.get_executor (the subprocess executor)",
     "SubprocessExecutor.launch's command line (ForkExecutor.launch mirrors it), the Executor protocol and "
@@ -266,7 +279,7 @@ CSPRNG_SAMPLING = Patch(
     "SimpleClientManager's clients dict and wait_for, and that strategies still sample through the client "
     "manager's sample(num_clients, min_num_clients, criterion)")
 PATCHES = (SECAGG_DEVICE, SECAGG_SERVER, SECAGG_SETUP, SECAGG_REPLIES, SECAGG_RANGE, SIM_DISPATCH, CAPPED_SLEEP,
-           FORK_EXECUTOR, PROMPT_GRID, CONTROL_CLIENT, SUPERNODE_ARGS, RESUMABLE_ROUNDS, CSPRNG_SAMPLING)
+           HEARTBEAT, FORK_EXECUTOR, PROMPT_GRID, CONTROL_CLIENT, SUPERNODE_ARGS, RESUMABLE_ROUNDS, CSPRNG_SAMPLING)
 
 
 # --- SecAgg+: fl-ser's cryptography in Flower's device mod and server workflow --------------------------------
@@ -699,6 +712,20 @@ def install_capped_sleep(cap: float) -> None:
     CAPPED_SLEEP.require(_looked_up(node_loop.start_client_internal, "sleep"),
                          "start_client_internal no longer calls time.sleep")
     node_loop.time = CappedSleep(cap)
+
+
+def install_heartbeat_interval(seconds: float) -> None:
+    """Make the SuperNode announce (and keep) a heartbeat every ``seconds`` instead of Flower's 30 s: the SuperLink
+    then counts a dead node offline after ``2 * seconds`` instead of 60 s."""
+    from flwr.common import constant
+
+    HEARTBEAT.require(constant.HEARTBEAT_MIN_INTERVAL <= seconds <= constant.HEARTBEAT_MAX_INTERVAL,
+                      f"a heartbeat interval of {seconds} s is outside the SuperLink's accepted range "
+                      f"[{constant.HEARTBEAT_MIN_INTERVAL}, {constant.HEARTBEAT_MAX_INTERVAL}]")
+    connection = HEARTBEAT.module("flwr.supernode.fleet_http_connection")
+    sender = HEARTBEAT.module("flwr.supercore.heartbeat")
+    HEARTBEAT.replace(connection, [("HEARTBEAT_DEFAULT_INTERVAL", seconds, None, ["http_request_response"])])
+    HEARTBEAT.replace(sender, [("HEARTBEAT_DEFAULT_INTERVAL", seconds, None, ["HeartbeatSender._run"])])
 
 
 # --- SuperExec: ClientApp processes forked warm ------------------------------------------------------------------

@@ -175,6 +175,7 @@ INSTALLERS = {
     "secagg-quantisation-range": compat.check_secagg_device_state,
     "simulation-dispatch": lambda: compat.proportional_dispatch().__enter__(),
     "supernode-capped-sleep": lambda: compat.install_capped_sleep(0.1),
+    "supernode-heartbeat": lambda: compat.install_heartbeat_interval(10.0),
     "superexec-fork-executor": compat.install_fork_executor,
     "grid-poll-interval": lambda: compat.PromptGrid(InProcessGrid({}), 0.1),
     "control-api-run-status": lambda: compat.RunFollower("/nonexistent", "fl-ser"),
@@ -198,6 +199,8 @@ def flowers_own(monkeypatch):
     places = {compat.SECAGG_DEVICE_MODULE: {"pseudo_rand_gen": pseudo_rand_gen, "create_shares": create_shares},
               compat.SECAGG_SERVER_MODULE: {"pseudo_rand_gen": pseudo_rand_gen, "combine_shares": combine_shares},
               "flwr.supernode.start_client_internal": {"time": time},
+              "flwr.supernode.fleet_http_connection": {"HEARTBEAT_DEFAULT_INTERVAL": 30},
+              "flwr.supercore.heartbeat": {"HEARTBEAT_DEFAULT_INTERVAL": 30},
               "flwr.supercore.superexec.run_superexec": {"get_executor": get_executor}}
     for module, attrs in places.items():
         for attr, value in attrs.items():
@@ -271,6 +274,23 @@ def test_the_supernode_loop_sleeps_at_most_the_cap(monkeypatch):
     node_loop.time.sleep(3)  # what the SuperNode's loop calls when idle
     node_loop.time.sleep(0.01)
     assert slept == [0.05, 0.01] and node_loop.time.monotonic() > 0
+
+
+def test_the_supernode_announces_and_keeps_the_shorter_heartbeat(flowers_own):
+    """The interval the SuperNode announces (ActivateNode, SendNodeHeartbeat) and paces its heartbeats by; one the
+    SuperLink would refuse is an error before the SuperNode starts."""
+    import flwr.supercore.heartbeat as sender
+    import flwr.supernode.fleet_http_connection as connection
+
+    compat.install_heartbeat_interval(10.0)
+    assert connection.HEARTBEAT_DEFAULT_INTERVAL == 10.0 == sender.HEARTBEAT_DEFAULT_INTERVAL
+    waits = []
+    beat = sender.HeartbeatSender(lambda: True)
+    beat._stop_event.wait = lambda seconds: (waits.append(seconds), beat._stop_event.set())  # one beat, then stop
+    beat._run()
+    assert 0.7 * 5 <= waits[0] <= 0.9 * 5  # (interval - call timeout) x 0.7-0.9, Flower's pacing
+    with pytest.raises(compat.FlowerCompatError, match="outside the SuperLink's accepted range"):
+        compat.install_heartbeat_interval(5.0)
 
 
 def test_the_superexec_launches_clientapps_with_the_fork_executor(monkeypatch):

@@ -250,7 +250,8 @@ def test_a_restarted_device_rejoins_and_a_killed_server_resumes_without_losing_a
     """One rehearsal, two faults: device-01's SuperNode is killed while it trains in round 2 (after the SecAgg+
     key exchange: the round must still aggregate from the others) and started again;
     the ServerApp is SIGKILLed after round 3 and the run resumed as a new Flower run on the same lab. Five rounds,
-    so that the device (back ~60 s after its kill, when the SuperLink counts it offline) is surely in the last."""
+    so that the device (back ~20 s after its kill, when the SuperLink counts it offline: clients.supernode heartbeats
+    every 10 s) is surely in the last."""
     from fl_ser.privacy.accountant import epsilon, user_level_epsilon
 
     z_user = 0.1  # user-level noise on, small: 3 devices' mean with more noise leaves SecAgg+'s quantisation range
@@ -302,3 +303,17 @@ def test_a_restarted_device_rejoins_and_a_killed_server_resumes_without_losing_a
         reported = info["report"]["global_model_on_own_data"]["epsilon"]
         assert reported == pytest.approx(epsilon(spent, cfg.privacy.dp_sgd.delta, cfg.privacy.dp_sgd.accountant))
     assert no_flower_processes_left(run_dir)
+
+
+def test_progress_reads_whole_rounds_only_while_the_server_appends(tmp_path, capsys):
+    """The deployment driver prints rounds from metrics.jsonl while the ServerApp appends to it: a line still
+    being written is left for the next poll, not parsed (it was a JSONDecodeError that killed a rehearsal)."""
+    from experiments.deployment import _show_rounds
+
+    row = {"round": 1, "uar": 0.5, "accuracy": 0.5, "loss": 1.0, "participants": 3, "sampled": 3, "seconds": 1.0}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "round": 2})[:20])
+    assert _show_rounds(tmp_path, 0, 3) == 1
+    assert "round   1/3" in capsys.readouterr().out
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "round": 2}) + "\n")
+    assert _show_rounds(tmp_path, 1, 3) == 2
+    assert "round   2/3" in capsys.readouterr().out

@@ -17,9 +17,10 @@ key-leak check). Faults, injected between the follower's polls (:class:`FaultInj
   it trains in a round, to rehearse a dropout;
 * ``restart`` kills it the same way and starts it again with the same command
   line, device dir (so the same ledger) and key. Flower 1.42 will not activate a
-  node the SuperLink still counts as online (until two heartbeat intervals, up to
-  60 s, after its last heartbeat; the SuperNode exits with "[code: 2004] Failed
-  to activate SuperNode", Flower's exit code 305), so the SuperNode is started
+  node the SuperLink still counts as online (until two heartbeat intervals after
+  its last heartbeat: 20 s with clients.supernode's 10 s heartbeat, 60 s with
+  Flower's; the SuperNode exits with "[code: 2004] Failed to activate SuperNode",
+  Flower's exit code 305), so the SuperNode is started
   again once ``flwr supernode list`` (asked every :data:`RESTART_POLL_S`) shows
   it offline; it comes back under the same node id (the id belongs to the
   enrolled key) and takes part from the next round it is sampled in;
