@@ -53,6 +53,23 @@ def feature_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("features"))
 
 
+@pytest.fixture(scope="session")
+def secagg_run(tmp_path_factory):
+    """tests/test_faults.py's SecAgg+ federation (a fault plan per round, the last round none), run once for its
+    tests and tests/test_secagg.py's: one Flower simulation (Ray) instead of two."""
+    from tests.test_faults import SECAGG_SCRIPT, federation
+
+    return federation(tmp_path_factory.mktemp("secagg"), True, SECAGG_SCRIPT)
+
+
+@pytest.fixture(scope="session")
+def plain_run(tmp_path_factory):
+    """The same with plain aggregation (tests/test_faults.py's PLAIN_SCRIPT)."""
+    from tests.test_faults import PLAIN_SCRIPT, federation
+
+    return federation(tmp_path_factory.mktemp("plain"), False, PLAIN_SCRIPT)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """On-device work is single-threaded; one utterance is too small to share, and threads contend on a busy box."""

@@ -5,8 +5,9 @@ per-stage and malformed-reply tests share two Flower simulations (Ray) of the Se
 five devices whose "training" adds a fixed, known update behind the project's real device mods, and the
 project's server pieces (ReplyCheck around UserLevelDP, the SecAgg+ workflow as configured); each round a
 different fault plan strikes, so each round's new global model can be checked against the plain mean of the
-clipped updates that should be in it, and its report against who was lost where. The flaky-link test runs
-the real experiment (``experiments.train``) with lossy links for 12 rounds.
+clipped updates that should be in it, and its report against who was lost where. The last round of each strikes
+no device: tests/test_secagg.py checks it (conftest runs each federation once for both modules). The flaky-link
+test runs the real experiment (``experiments.train``) with lossy links for 12 rounds.
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ def check_round(run, server_round: int, survivors, atol: float) -> None:
         np.testing.assert_allclose(a - b, want, atol=atol)
 
 
+def no_fault(msg, ctxt, call_next):
+    """A round in which no device is struck (the last of each script)."""
+    return call_next(msg, ctxt)
+
+
 # --- SecAgg+: a device lost at each stage, too many lost, malformed masked vectors -------------------------------
 
 SECAGG_SCRIPT = [
@@ -100,12 +106,8 @@ SECAGG_SCRIPT = [
     fault(6, "collect_masked_vectors", [0], corrupt="wrong_length"),
     fault(7, "collect_masked_vectors", [1], corrupt="wrong_dtype"),
     fault(8, "collect_masked_vectors", [2], corrupt="nan"),
+    no_fault,  # round 9: tests/test_secagg.py
 ]
-
-
-@pytest.fixture(scope="module")
-def secagg_run(tmp_path_factory):
-    return federation(tmp_path_factory.mktemp("secagg"), True, SECAGG_SCRIPT)
 
 
 def check_secagg_round(run, server_round: int, stage: str, lost, cause: str, survivors=None) -> dict:
@@ -174,12 +176,8 @@ PLAIN_SCRIPT = [
     fault(2, "fit", [2], corrupt="wrong_length"),
     fault(3, "fit", [3], corrupt="wrong_dtype"),
     fault(4, "fit", [4], corrupt="nan"),
+    no_fault,  # round 5: tests/test_secagg.py
 ]
-
-
-@pytest.fixture(scope="module")
-def plain_run(tmp_path_factory):
-    return federation(tmp_path_factory.mktemp("plain"), False, PLAIN_SCRIPT)
 
 
 @pytest.mark.slow

@@ -1,9 +1,10 @@
 """SecAgg+ correctness: the securely aggregated mean equals plain aggregation of the same clipped updates.
 
-Runs Flower's simulation engine twice over the project's real device mods (privacy boundary, SecAgg+,
+Flower's simulation engine, run twice over the project's real device mods (privacy boundary, SecAgg+,
 fixed clipping) and server pieces (UserLevelDP with no noise, the SecAgg+ workflow as configured), with
 devices whose "training" adds a fixed, known update, some larger than the clipping norm (the harness is
-shared with the SecAgg+ benchmark).
+shared with the SecAgg+ benchmark). The two runs are tests/test_faults.py's federations (conftest's
+``secagg_run`` and ``plain_run``, one simulation each for both modules); their last round strikes no device.
 """
 
 import numpy as np
@@ -25,21 +26,20 @@ def clipped(update):
     return [u * min(1.0, CLIP / norm) for u in update]
 
 
-def run_federation(secure: bool) -> list[np.ndarray]:
-    from experiments.bench.federation import fixed_update_federation
-
-    return fixed_update_federation(GLOBAL, device_update, NUM_DEVICES, "secagg_plus" if secure else "plain", rounds=1,
-                                   clipping_norm=CLIP)[-1][1]
+def last_step(run) -> list[np.ndarray]:
+    """What the federation's last round added to the global model."""
+    return [after - before for before, after in zip(run.models[-2], run.models[-1], strict=True)]
 
 
 @pytest.mark.slow
-def test_secagg_plus_equals_plain_aggregation_of_clipped_updates():
+def test_secagg_plus_equals_plain_aggregation_of_clipped_updates(secagg_run, plain_run):
     updates = [clipped(device_update(p)) for p in range(NUM_DEVICES)]
-    expected = [g + np.mean([u[i] for u in updates], axis=0) for i, g in enumerate(GLOBAL)]
-    plain = run_federation(secure=False)
-    secure = run_federation(secure=True)
+    expected = [np.mean([u[i] for u in updates], axis=0) for i in range(len(GLOBAL))]
+    assert [len(r["fit"]["participants"]) for r in (secagg_run.reports[-1], plain_run.reports[-1])] == [NUM_DEVICES] * 2
+    plain = last_step(plain_run)
+    secure = last_step(secagg_run)
     for e, p, s in zip(expected, plain, secure, strict=True):
         np.testing.assert_allclose(p, e, atol=1e-6)
         # quantisation: 2 * clipping_range / 2^22 per value, summed over devices then averaged
         np.testing.assert_allclose(s, e, atol=2 * 8.0 / 2**22 * NUM_DEVICES)
-    assert not np.allclose(secure[0], GLOBAL[0])  # the round really moved the model
+    assert not np.allclose(secagg_run.models[-1][0], secagg_run.models[-2][0])  # the round really moved the model
