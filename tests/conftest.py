@@ -10,6 +10,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning; we use no GPU
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one compute thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 EMODB = REPO.parent / "shared" / "datasets" / "emodb"

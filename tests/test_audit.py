@@ -103,8 +103,9 @@ def test_canary_lower_bound_finds_leakage_without_dp_and_never_exceeds_the_accou
     from experiments.audit.canary import canary_audit
 
     plain = make_config(tmp_path / "plain", *SMALL, "privacy=none", "model=linear", f"cache_dir={feature_cache}")
-    out = canary_audit(AuditFederation(plain), corpus_devices(plain)[:3], rounds=2, trials=30, progress=quiet)
-    # 15 scored trials per arm can show at most 1.28; without DP the test separates them (measured 1.14-1.28)
+    out = canary_audit(AuditFederation(plain), corpus_devices(plain)[:3], rounds=2, trials=40, progress=quiet)
+    # 20 scored trials per arm can show at most 1.60. Without DP the test separates them, not always perfectly: with
+    # 15 a side one miss on each (0.76) failed this bar in one run of three; with 20 that is 1.10
     assert out["epsilon_accountant"] is None and out["epsilon_lower_bound"] > 0.8
     private = make_config(tmp_path / "dp", *SMALL, "privacy=full", "model=linear", f"cache_dir={feature_cache}")
     out = canary_audit(AuditFederation(private), corpus_devices(private)[:3], rounds=2, trials=16, progress=quiet)
