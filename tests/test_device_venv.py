@@ -8,10 +8,6 @@ of the project does.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import tomllib
-import venv
 from pathlib import Path
 
 import numpy as np
@@ -20,41 +16,29 @@ import soundfile as sf
 import torch
 
 from clients.model_store import FILES, ModelStore
+from experiments.bench.device_runtime import build_device_venv, predict_peak, run
 from fl_ser.data.audio import read_audio
 from fl_ser.data.corpus import SAMPLE_RATE
 from fl_ser.models.export import ATOL
 from fl_ser.privacy.normalization import from_config
 from fl_ser.task import get_arrays, new_classifier, pipeline
 from server.release import release_model
-from tests.conftest import ALL_FORMATS, EMODB, REPO, make_config, needs_emodb
+from tests.conftest import ALL_FORMATS, EMODB, make_config, needs_emodb
 
 pytestmark = [pytest.mark.slow, needs_emodb]
 #: EmoDB's emotion letter (the file name's sixth character) -> name; five recordings of each go into the folder.
 LETTERS = {"W": "anger", "F": "happiness", "T": "sadness", "N": "neutral"}
 
 
-def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run with none of this process's Python settings: after an in-process simulation, Flower's Ray backend has
-    set PYTHONPATH to the driver's sys.path (the full venv: torch would import, and pip would install nothing)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
-    return subprocess.run(list(args), capture_output=True, text=True, cwd=cwd, timeout=900, env=env)
-
-
 @pytest.fixture(scope="module")
 def device_python(tmp_path_factory) -> Path:
-    """The venv's python: pip install --no-deps -e REPO, then the device extra's requirements (as pyproject lists)."""
-    root = tmp_path_factory.mktemp("device") / "venv"
-    venv.create(root, with_pip=True)
-    python = root / "bin" / "python"
-    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["device"]
-    for step in (["--no-deps", "-e", str(REPO)], extra):
-        done = _run(str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", *step, cwd=root)
-        assert done.returncode == 0, done.stderr[-3000:]
-    return python
+    """The venv's python: pip install --no-deps -e REPO, then the device extra's requirements (as pyproject lists);
+    the bench measures the same venv (experiments.bench.device_runtime)."""
+    return build_device_venv(tmp_path_factory.mktemp("device") / "venv")
 
 
 def test_the_device_venv_has_no_torch_and_checks_a_participant_folder(device_python, tmp_path):
-    done = _run(str(device_python), "-c", "import torch", cwd=tmp_path)
+    done = run(str(device_python), "-c", "import torch", cwd=tmp_path)
     assert done.returncode != 0 and "No module named 'torch'" in done.stderr
     folder = tmp_path / "alice"
     folder.mkdir()
@@ -64,7 +48,7 @@ def test_the_device_venv_has_no_torch_and_checks_a_participant_folder(device_pyt
             (folder / wav.name).write_bytes(wav.read_bytes())  # 22.05 kHz: read with soxr here
             rows.append(f"{wav.name},{emotion}")
     (folder / "labels.csv").write_text("\n".join(rows) + "\n")
-    done = _run(str(device_python), "-m", "clients.validate", str(folder), "--json", cwd=tmp_path)
+    done = run(str(device_python), "-m", "clients.validate", str(folder), "--json", cwd=tmp_path)
     report = json.loads(done.stdout)
     assert done.returncode == 0 and report["ok"], done.stdout + done.stderr
     assert sum(report["counts"].values()) == len(rows) - 1
@@ -82,12 +66,11 @@ def test_the_device_venv_predicts_what_the_eager_model_predicts(device_python, t
     ModelStore(tmp_path / "store").add(release, list(cfg.labels), {"round": 1, "config_hash": "venv"})
     wav = tmp_path / "speech.wav"
     sf.write(wav, wave, SAMPLE_RATE, subtype="FLOAT")  # at 16 kHz: both sides read the same samples
-    done = _run(str(device_python), "-m", "clients.predict", "--store", str(tmp_path / "store"), str(wav),
-                "--json", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert "run by onnxruntime" in _run(str(device_python), "-m", "clients.predict", "--store",
-                                        str(tmp_path / "store"), str(wav), cwd=tmp_path).stdout
-    (got,) = json.loads(done.stdout)
+    measured = predict_peak(device_python, tmp_path / "store", wav)  # as the bench measures it
+    assert measured["peak_rss_mib"] > 0
+    assert "run by onnxruntime" in run(str(device_python), "-m", "clients.predict", "--store",
+                                       str(tmp_path / "store"), str(wav), cwd=tmp_path).stdout
+    (got,) = measured["answer"]
     with torch.no_grad():
         want = pipeline(cfg, classifier, normalizer, list(cfg.labels)).eval()(torch.from_numpy(wave)[None])[0]
     assert list(got["probabilities"]) == list(cfg.labels)

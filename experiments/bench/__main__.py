@@ -32,7 +32,13 @@ def speed_table_rows(bench: dict) -> list[tuple]:
     def target(row: dict) -> str:
         return "" if row["target"] is None else f"{row['target']} ({'met' if row['met'] else 'missed'})"
 
-    return [(row["measure"], row["value"], target(row)) for row in bench["speed_targets"]]
+    rows = [(row["measure"], row["value"], target(row)) for row in bench["speed_targets"]]
+    if "device_venv_mb" in bench:  # experiments.bench.device_runtime
+        rows += [("device runtime without torch: venv size, MB (fl-ser's device extra)", bench["device_venv_mb"], ""),
+                 ("clients.predict there, 3 s recording, onnxruntime: peak RSS, MiB", bench["device_predict_peak_mib"],
+                  ""),
+                 ("the same: wall time, s (process start included)", bench["device_predict_wall_s"], "")]
+    return rows
 
 
 def markdown(bench: dict, rows: list[tuple]) -> str:
@@ -127,6 +133,10 @@ def main() -> None:
                   "for the release) on a 3 s utterance; the release files are fl_ser.models.export's (batch and time "
                   "axes dynamic), each run by the runtime of fl_ser.models.runtimes.")
     notes.append(speed_note)
+    print("the device runtime without torch: a fresh venv, its size and clients.predict's peak memory ...", flush=True)
+    from experiments.bench.device_runtime import device_runtime
+
+    bench.update(device_runtime(cfg))
     if args.only == "speed":
         torch.set_num_threads(threads)
         bench["notes"] = [speed_note]
