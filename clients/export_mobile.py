@@ -57,8 +57,8 @@ def _release(folder: Path):
 
 
 def _latency_ms(path: Path) -> float:
-    from experiments.bench.timing import best_median_seconds
     from fl_ser.models.runtimes import open_model, probe_signal
+    from fl_ser.timing import best_median_seconds
 
     run, wave = open_model("executorch", path.read_bytes()), probe_signal(3.0, seed=5)[None]
     return 1e3 * best_median_seconds(lambda: run(wave), calls=51, repeats=5, warmup=5)

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experiments.bench.timing import best_median_seconds, interleaved_ratio
+from experiments.bench.timing import interleaved_ratio
 from fl_ser.data.corpus import SAMPLE_RATE, corpus_from_config
 from fl_ser.data.partition import split_from_config
 from fl_ser.features import Functionals, LogMel, MFCCDeltas
 from fl_ser.privacy import normalization
 from fl_ser.task import new_classifier, pipeline, speaker_data
+from fl_ser.timing import best_median_seconds
 from fl_ser.training import DPSGDConfig, LocalTrainConfig, train_local
 
 

@@ -9,22 +9,6 @@ import time
 from collections.abc import Callable
 
 
-def best_median_seconds(fn: Callable[[], object], calls: int = 21, repeats: int = 5, warmup: int = 3) -> float:
-    """The best of ``repeats`` medians, each over ``calls`` timed runs of ``fn`` (after ``warmup`` untimed runs):
-    the median ignores a repeat's outliers, the best repeat the minutes when other work held the core."""
-    for _ in range(warmup):
-        fn()
-    medians = []
-    for _ in range(repeats):
-        times = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        medians.append(statistics.median(times))
-    return min(medians)
-
-
 def interleaved_ratio(numerator: Callable[[], object], denominator: Callable[[], object], repeats: int = 7) -> tuple:
     """Median times of two jobs measured alternately (so machine noise hits both), and their ratio."""
     numerator(), denominator()
