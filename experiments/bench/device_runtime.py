@@ -18,11 +18,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-#: Runs ``python -m clients.predict ARGS`` and prints its own peak RSS (KiB, Linux) to stderr as the last line.
-_PEAK = ("import resource, runpy, sys\n"
+#: Runs ``python -m clients.predict ARGS`` and prints its own peak RSS (KiB) to stderr as the last line: the memory
+#: map's high-water mark (VmHWM, Linux). Not getrusage's ru_maxrss, which keeps the forked parent's size across exec.
+_PEAK = ("import runpy, sys\n"
          "sys.argv = ['clients.predict', *sys.argv[1:]]\n"
          "try:\n    runpy.run_module('clients.predict', run_name='__main__')\n"
-         "finally:\n    print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+         "finally:\n    hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+         "    print('peak_rss_kib', hwm[0], file=sys.stderr)\n")
 
 
 def clean_env() -> dict[str, str]:
@@ -71,6 +73,7 @@ def device_runtime(cfg) -> dict:
     from fl_ser.data.corpus import SAMPLE_RATE
     from fl_ser.models.runtimes import probe_signal
     from fl_ser.privacy.normalization import from_config
+    from fl_ser.run_config import config_hash
     from fl_ser.task import get_arrays, new_classifier
     from server.release import release_model
 
@@ -83,7 +86,8 @@ def device_runtime(cfg) -> dict:
         release_model(onnx_cfg, get_arrays(new_classifier(cfg, len(cfg.labels))), from_config(cfg).published(),
                       release)
         ModelStore(tmp / "store").add({name: (release / name).read_bytes() for name in FILES
-                                       if (release / name).exists()}, list(cfg.labels), {"round": 0})
+                                       if (release / name).exists()}, list(cfg.labels),
+                                      {"round": 0, "config_hash": config_hash(cfg)})
         wav = tmp / "speech.wav"
         sf.write(wav, probe_signal(3.0), SAMPLE_RATE)
         measured = predict_peak(python, tmp / "store", wav)
