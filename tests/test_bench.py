@@ -2,7 +2,7 @@
 
 import pytest
 
-from experiments.bench import aggregation, local
+from experiments.bench import aggregation, local, release_profile
 from tests.conftest import make_config
 
 
@@ -24,6 +24,31 @@ def test_on_device_benchmarks_run(tmp_path):
     int8 = local.int8_accuracy(make_config(tmp_path, "data.num_speakers=4", "partition.num_test_speakers=1",
                                            "data.utterances_per_emotion=2", "rounds=2"))
     assert 0 <= int8["uar_int8"] <= 1 and int8["uar_change"] == int8["uar_int8"] - int8["uar_float"]
+
+
+def test_the_onnx_profile_counts_every_node_and_its_shares_add_up(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    # wave (1, L) -> frames of 160 -> x W (160, 8) -> relu -> mean over frames -> softmax: 5 nodes, none foldable
+    weights = helper.make_tensor("w", TensorProto.FLOAT, (160, 8), [0.01] * 1280)
+    nodes = [helper.make_node("Reshape", ["wave", "shape"], ["frames"]),
+             helper.make_node("MatMul", ["frames", "w"], ["proj"]),
+             helper.make_node("Relu", ["proj"], ["act"]),
+             helper.make_node("ReduceMean", ["act", "axes"], ["mean"], keepdims=0),
+             helper.make_node("Softmax", ["mean"], ["probabilities"], axis=-1)]
+    shape = helper.make_tensor("shape", TensorProto.INT64, (3,), [1, -1, 160])
+    axes = helper.make_tensor("axes", TensorProto.INT64, (1,), [1])
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("wave", TensorProto.FLOAT, (1, None))],
+                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, None)],
+                              initializer=[weights, shape, axes])
+    path = tmp_path / "tiny.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    profile = release_profile.profile_onnx(path, seconds=0.5, calls=3)
+    assert profile["nodes_exported"] == 5 and profile["nodes_run_per_call"] == 5
+    assert {row["op"] for row in profile["op_types"]} == {"Reshape", "MatMul", "Relu", "ReduceMean", "Softmax"}
+    assert abs(sum(row["share"] for row in profile["op_types"]) - 1) < 1e-9
+    assert profile["ms_per_call"] > 0 and profile["real_time_factor"] == 0.5 / (profile["ms_per_call"] / 1e3)
 
 
 @pytest.mark.slow

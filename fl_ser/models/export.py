@@ -52,6 +52,10 @@ from fl_ser.models.runtimes import open_model, probe_signal  # probe_signal: tor
 from fl_ser.protocol import MODEL_FILES
 
 log = logging.getLogger("fl_ser.export")
+# The ONNX exporter warns, once per export and through torch's own console handler, that it skips torchvision's
+# ops when torchvision is absent; fl-ser's models use none of them, so that notice is only noise in a run's console.
+logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(
+    lambda record: "torchvision is not installed" not in record.getMessage())
 
 #: Largest difference in any probability allowed between a format and the eager model.
 ATOL = 1e-4
