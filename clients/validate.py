@@ -330,16 +330,14 @@ def main(argv: list[str] | None = None) -> int:
         audio = AudioPolicy(**{setting.name: getattr(args, setting.name) for setting in fields(AudioPolicy)})
     except ValueError as err:
         parser.error(str(err))
-    reports: list[ValidationReport | ModelReport] = []
-    if args.data_dir is not None:
-        reports.append(validate_folder(args.data_dir, args.labels, args.min_utterances, args.min_per_emotion, audio))
-    if args.store is not None:
-        reports.append(validate_model(args.store, args.version, args.runtime))
+    folder = (validate_folder(args.data_dir, args.labels, args.min_utterances, args.min_per_emotion, audio)
+              if args.data_dir is not None else None)
+    model = validate_model(args.store, args.version, args.runtime) if args.store is not None else None
+    reports = [report for report in (folder, model) if report is not None]
     ok = all(report.ok for report in reports)
     if args.json:
-        model = [r.to_dict() for r in reports if isinstance(r, ModelReport)]
-        folder = [r.to_dict() for r in reports if isinstance(r, ValidationReport)]
-        print(to_json((folder[0] if folder else {}) | ({"model": model[0]} if model else {}) | {"ok": ok}))
+        answer = folder.to_dict() if folder is not None else {}
+        print(to_json(answer | ({"model": model.to_dict()} if model is not None else {}) | {"ok": ok}))
     else:
         print("\n\n".join(report.text() for report in reports))
     return EXIT_OK if ok else EXIT_FAILED

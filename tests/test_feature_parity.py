@@ -24,7 +24,6 @@ Rewrite the reference (only when a feature is meant to change, and retrain then)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -74,7 +73,7 @@ def clips(waves: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def features(ext: torch.nn.Module, name: str, wave: np.ndarray, path: str = "torch") -> np.ndarray:
     """``ext``'s features of ``wave`` (the kept frames of a sequence) by its graph ``path`` (torch or portable)."""
-    with torch.no_grad(), portable(ext) if path == "portable" else contextlib.nullcontext():
+    with torch.no_grad(), portable(ext, enabled=path == "portable"):
         out = ext(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))[None])[0].numpy()
     return out if name == "functionals" else out[..., FRAMES]
 
@@ -115,7 +114,7 @@ def test_batched_functionals_match_reference(reference, waves, path):
     _, ref = reference
     whole = [clip for clip in waves if clip.endswith("@all") and len(waves[clip]) == 32000]
     ext = Functionals()
-    with torch.no_grad(), portable(ext) if path == "portable" else contextlib.nullcontext():
+    with torch.no_grad(), portable(ext, enabled=path == "portable"):
         out = ext(torch.from_numpy(np.stack([waves[c] for c in whole]).astype(np.float32))).numpy()
     for clip, row in zip(whole, out, strict=True):
         assert within(row, ref[f"functionals/{clip}"]) <= TOLERANCE[path], clip

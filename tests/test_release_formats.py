@@ -15,7 +15,8 @@ import torch
 
 from clients import personalise, predict
 from clients.model_store import ModelStore, StoredModel, StoreError
-from fl_ser.data.audio import read_audio
+from experiments.bench.release_profile import EMODB_FILES
+from experiments.bench.release_profile import emodb_waves as real_waves
 from fl_ser.models import export
 from fl_ser.models.runtimes import RuntimeMissing
 from fl_ser.privacy.normalization import from_config
@@ -24,20 +25,17 @@ from fl_ser.task import get_arrays, new_classifier, pipeline
 from server.release import release_model
 from tests.conftest import ALL_FORMATS, EMODB, make_config, needs_emodb
 
-#: Two EmoDB utterances (2.0 s each in ../shared); checked as they are, joined (4.0 s: longer than logmel's 3 s
-#: window, which then crops instead of tiling) and the second cut to 1.3 s.
-EMODB_FILES = ("03a01Fa.wav", "08a02Ab.wav")
 #: Feature extractor and model of each release checked; the device tools' tests cover model=mlp.
 COMBINATIONS = [("functionals", "linear"), ("logmel", "cnn"), ("mfcc", "cnn")]
-RUNTIME = {"onnx": "onnxruntime", "pt2": "torch", "torchscript": "torchscript"}
 
 
 @pytest.fixture(scope="module")
 def emodb_waves() -> list[np.ndarray]:
+    """Two EmoDB utterances as they are (2.0 s), joined (4.0 s: longer than logmel's 3 s window, which then crops
+    instead of tiling) and cut to 1.3 s."""
     if not EMODB.exists():
         pytest.skip(f"EmoDB not found at {EMODB}")
-    first, second = (read_audio(EMODB / "wav" / name) for name in EMODB_FILES)
-    return [first, np.concatenate([first, second]), second[: int(1.3 * 16000)]]
+    return real_waves(EMODB)
 
 
 @pytest.fixture(scope="module", params=COMBINATIONS, ids=lambda c: "-".join(c))
@@ -59,7 +57,7 @@ def test_each_format_computes_the_eager_model_on_real_audio_of_two_lengths(relea
     _, result, folder, pipe = released
     assert fmt in result["max_difference"], result["unavailable"].get(fmt)
     assert result["max_difference"][fmt] <= export.ATOL
-    classify = predict.CLASSIFIERS[RUNTIME[fmt]]((folder / MODEL_FILES[fmt]).read_bytes(), pipe.labels)
+    classify = predict.CLASSIFIERS[export.RUNTIME_OF[fmt]]((folder / MODEL_FILES[fmt]).read_bytes(), pipe.labels)
     for wave in emodb_waves:  # as the device runs it: one waveform of its own length at a time
         with torch.no_grad():
             want = pipe(torch.from_numpy(wave)[None])[0].numpy()

@@ -56,14 +56,15 @@ TARGETS = {"functionals_rtf": 1000.0, "feature_rtf": 500.0, "release_rtf": 1500.
            "release_onnx_logmel_cnn_rtf": 500.0, "release_ms_3s": 5.0, "release_mb": 1.0}
 
 
-def _wave(seconds: float, seed: int) -> torch.Tensor:
+def noise_wave(seconds: float, seed: int) -> torch.Tensor:
+    """The benchmarks' input: ``seconds`` of Gaussian noise at 16 kHz (std 0.1), seeded."""
     return torch.from_numpy(np.random.default_rng(seed).normal(0, 0.1, int(seconds * SAMPLE_RATE)).astype(np.float32))
 
 
 def feature_rtf(seconds: float = 3.0, repeats: int = 5) -> dict:
     """Real-time factor (audio seconds per second of compute) of each extractor, eager and TorchScript, on one
     core: the best of ``repeats`` medians of 21 calls."""
-    wave = _wave(seconds, 0)[None]
+    wave = noise_wave(seconds, 0)[None]
     out = {}
     for name, ext in (("logmel", LogMel()), ("mfcc", MFCCDeltas()), ("functionals", Functionals())):
         modules = {"eager": ext.eval(), "torchscript": torch.jit.script(ext)}
@@ -84,7 +85,7 @@ def release_latency(cfg, repeats: int = 5) -> dict:
     _, _, norm = _device(cfg)
     pipe = pipeline(cfg, new_classifier(cfg, len(cfg.labels)), norm, list(cfg.labels)).eval()
     seconds = 3.0
-    wave = _wave(seconds, 1)[None]
+    wave = noise_wave(seconds, 1)[None]
     result = {"features": str(cfg.features._target_).rsplit(".", 1)[-1],
               "model": str(cfg.model._target_).rsplit(".", 1)[-1]}
 

@@ -22,40 +22,35 @@ from pathlib import Path
 import numpy as np
 
 CALLS = 200  # profiled calls
+#: The EmoDB recordings a release is checked on here and in tests/test_release_formats.py.
+EMODB_FILES = ("03a01Fa.wav", "08a02Ab.wav")
 
 
 def emodb_waves(emodb: Path) -> list[np.ndarray]:
-    """The recordings the release-format tests check: EmoDB 03a01Fa (2.0 s), it followed by 08a02Ab (4.0 s), and
-    08a02Ab's first 1.3 s."""
+    """Real waveforms of three lengths from :data:`EMODB_FILES`: the first (2.0 s), both joined (4.0 s), and the
+    second's first 1.3 s."""
     from fl_ser.data.audio import read_audio
     from fl_ser.data.corpus import SAMPLE_RATE
 
-    first, second = (read_audio(emodb / "wav" / name) for name in ("03a01Fa.wav", "08a02Ab.wav"))
+    first, second = (read_audio(emodb / "wav" / name) for name in EMODB_FILES)
     return [first, np.concatenate([first, second]), second[: int(1.3 * SAMPLE_RATE)]]
 
 
 def profile_onnx(path: Path, seconds: float = 3.0, calls: int = CALLS) -> dict:
     """Latency and ONNX Runtime's profile of the ONNX file ``path`` on a ``seconds`` utterance, one thread."""
     import onnx
-    import onnxruntime as ort
 
-    from fl_ser.data.corpus import SAMPLE_RATE
+    from experiments.bench.local import noise_wave
+    from fl_ser.models.runtimes import onnx_session
     from fl_ser.timing import best_median_seconds
 
-    wave = np.random.default_rng(1).normal(0, 0.1, (1, int(seconds * SAMPLE_RATE))).astype(np.float32)
-
-    def session(profile: bool, prefix: str = "") -> ort.InferenceSession:
-        options = ort.SessionOptions()  # as fl_ser.models.runtimes opens it, plus the profiler
-        options.intra_op_num_threads = options.inter_op_num_threads = 1
-        options.enable_profiling = profile
-        options.profile_file_prefix = prefix
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    plain = session(False)
+    data = path.read_bytes()
+    wave = noise_wave(seconds, 1)[None].numpy()  # the release rows' input (experiments.bench.local)
+    plain = onnx_session(data)
     name = plain.get_inputs()[0].name
     latency = best_median_seconds(lambda: plain.run(None, {name: wave}), calls=51, repeats=5, warmup=5)
     with tempfile.TemporaryDirectory() as tmp:
-        profiled = session(True, str(Path(tmp) / "ort"))
+        profiled = onnx_session(data, profile_prefix=str(Path(tmp) / "ort"))
         for _ in range(calls):
             profiled.run(None, {name: wave})
         events = json.loads(Path(profiled.end_profiling()).read_text())
@@ -69,7 +64,8 @@ def profile_onnx(path: Path, seconds: float = 3.0, calls: int = CALLS) -> dict:
     total = sum(by_type.values())
     return {
         "ms_per_call": 1e3 * latency, "real_time_factor": seconds / latency, "seconds": seconds,
-        "nodes_exported": len(onnx.load(str(path)).graph.node), "nodes_run_per_call": sum(count.values()) / calls,
+        "nodes_exported": len(onnx.load_from_string(data).graph.node),
+        "nodes_run_per_call": sum(count.values()) / calls,
         "profiled_kernel_ms_per_call": total / calls / 1e3,
         "op_types": [{"op": op, "nodes": count[op] / calls, "share": us / total} for op, us in by_type.most_common()],
         "slowest_nodes": [{"node": node, "share": us / total} for node, us in by_node.most_common(12)],

@@ -157,16 +157,16 @@ class PowerSpectrogram(nn.Module):
 
 
 @contextlib.contextmanager
-def portable(module: nn.Module) -> Iterator[nn.Module]:
+def portable(module: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
     """Within the block, every submodule of ``module`` with a ``portable`` setting (:class:`PowerSpectrogram`, the
     extractors) runs its portable graph: DFT matmuls instead of FFTs, and the other ops that ONNX Runtime and
     ExecuTorch run fast instead of torch's (see each module). Trace exports inside the block; each module's
-    setting is restored on leaving it.
+    setting is restored on leaving it. ``enabled=False`` runs the block in torch's graph instead.
     """
     found = [m for m in module.modules() if isinstance(getattr(m, "portable", None), bool)]
     before = [m.portable for m in found]
     for m in found:
-        m.portable = True
+        m.portable = enabled
     try:
         yield module
     finally:

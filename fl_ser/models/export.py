@@ -105,7 +105,7 @@ def frozen(pipe: EmotionPipeline) -> EmotionPipeline:
     return copy.deepcopy(pipe).cpu().eval().requires_grad_(False)
 
 
-def _reason(err: BaseException) -> str:
+def failure_reason(err: BaseException) -> str:
     """The first line of ``err`` and of each exception it was raised from (the innermost names the op)."""
     lines = []
     while err is not None and len(lines) < 6:
@@ -136,14 +136,14 @@ def program(pipe: EmotionPipeline, fft: bool = True, max_samples: int | None = N
     time = torch.export.Dim("time", min=MIN_SAMPLES, max=max_samples)
     dims = {0: torch.export.Dim("batch"), 1: time} if batch is None else {1: time}
     try:
-        with contextlib.nullcontext() if fft else portable(pipe):
+        with portable(pipe, enabled=not fft):
             return torch.export.export(pipe, (example,), dynamic_shapes=(dims,), strict=False,
                                        prefer_deferred_runtime_asserts_over_guards=True)
     except Exception as err:  # torch.export raises many types (UserError, GuardOnDataDependentSymNode, ...)
         lines = [line.strip() for line in str(err).splitlines() if line.strip().startswith("- ")]
         raise UnsupportedExport(
             f"torch.export cannot trace {type(pipe.extractor).__name__} with a dynamic time axis: "
-            f"{_reason(err)} {' '.join(lines[:2])[:400]}. Fix: in the extractor, replace Python branches on the "
+            f"{failure_reason(err)} {' '.join(lines[:2])[:400]}. Fix: in the extractor, replace Python branches on the "
             "input length and ops that fix it with tensor operations (DEVELOPERS.md 'Release formats')"
         ) from err
 
@@ -165,7 +165,7 @@ def _onnx(exported: torch.export.ExportedProgram, path: Path) -> None:
                                          optimize=False)  # see the module docstring
     except Exception as err:  # the translator raises its own error types, per unsupported op
         raise UnsupportedExport(
-            f"torch.onnx cannot translate the model: {_reason(err)}. Fix: express the op named there with ops "
+            f"torch.onnx cannot translate the model: {failure_reason(err)}. Fix: express the op named there with ops "
             "onnxscript translates (DEVELOPERS.md 'Release formats')"
         ) from err
     model = onnx_program.model_proto

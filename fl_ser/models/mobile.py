@@ -51,8 +51,8 @@ from fl_ser.data.corpus import SAMPLE_RATE
 from fl_ser.models.export import (
     PROBE_SECONDS,
     UnsupportedExport,
-    _reason,
     check,
+    failure_reason,
     frozen,
     probes,
     program,
@@ -159,7 +159,7 @@ def lower(pipe: EmotionPipeline, max_seconds: float = MAX_SECONDS, progress: Pro
         lowered = edge.to_executorch()
     except Exception as err:  # ExecuTorch raises many types (AssertionError, RuntimeError, SpecViolationError, ...)
         raise UnsupportedExport(
-            f"ExecuTorch {version} cannot lower {name}: {_reason(err)}. Fix: "
+            f"ExecuTorch {version} cannot lower {name}: {failure_reason(err)}. Fix: "
             "express the op named there with ops ExecuTorch or XNNPACK take (DEVELOPERS.md 'ExecuTorch')"
         ) from err
     have = Runtime.get().operator_registry.operator_names

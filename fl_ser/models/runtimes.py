@@ -69,15 +69,25 @@ def installed(runtime: str) -> bool:
     return importlib.util.find_spec(RUNTIMES[runtime][1]) is not None
 
 
-def _onnx(data: bytes) -> Run:
-    import numpy as np
+def onnx_session(data: bytes, profile_prefix: str | None = None):
+    """An onnxruntime session of the ONNX model ``data`` as a device runs it: one thread, CPU. ``profile_prefix``
+    turns on onnxruntime's profiler, writing its trace there (``session.end_profiling()``; the benchmarks')."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # one utterance is too small to share; threads contend on a busy device
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: its notes on graph folding say nothing a device user can act on
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def _onnx(data: bytes) -> Run:
+    import numpy as np
+
+    session = onnx_session(data)
     (name,) = (i.name for i in session.get_inputs())
     return lambda wave: session.run(None, {name: np.ascontiguousarray(wave, dtype=np.float32)})[0]
 
